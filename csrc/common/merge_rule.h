@@ -1,0 +1,137 @@
+// The per-element merge rule shared by the CPU and CUDA kernels.
+//
+// Every strategy is a point in (pruning x sign election):
+//   pruning:        none | magnitude (top-k of |x|) | random (DARE, optionally rescaled)
+//   sign election:  none | total (sum of values) | frequency (sum of signs)
+// A kernel computes, for every element, the pruned value v_i of each task in the
+// task dtype, then either the weighted sum of v_i * w_i (no election) or the
+// disjoint merge of the values whose sign agrees with the elected majority.
+// Dropped values are x * 0 rather than 0: that is what the reference expression
+// (tensor * mask) gives, and it keeps Inf/NaN inputs visible as NaN.
+#pragma once
+
+#include <cstdint>
+
+#include "macros.h"
+
+namespace lorax_merge {
+
+enum class Pruning : int32_t { kNone = 0, kMagnitude = 1, kRandom = 2 };
+enum class SignElection : int32_t { kNone = 0, kTotal = 1, kFrequency = 2 };
+
+// Value of an element after pruning, in the accumulation type. `rescaled` is
+// x / density rounded to the task dtype (the pruned tensor has the task dtype).
+template <typename scalar_t, typename acc_t>
+LM_HOST_DEVICE acc_t dropped_value(acc_t x) {
+  return x * acc_t(0);
+}
+
+template <typename scalar_t, typename acc_t>
+LM_HOST_DEVICE acc_t rescaled_value(acc_t x, acc_t density) {
+  return static_cast<acc_t>(static_cast<scalar_t>(x / density));
+}
+
+template <typename scalar_t, typename acc_t>
+LM_HOST_DEVICE acc_t pruned_value(acc_t x, bool kept, bool rescale, acc_t density) {
+  const acc_t kept_value = rescale ? rescaled_value<scalar_t, acc_t>(x, density) : x;
+  return kept ? kept_value : dropped_value<scalar_t, acc_t>(x);
+}
+
+// The density as the reference `tensor / density` sees it: a Python float is
+// converted to the op-math type of the tensor (float for half/bfloat16/float, double
+// for double) before the division.
+template <typename scalar_t>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+
+// Term a value contributes to the election score.
+template <typename acc_t, SignElection E>
+LM_HOST_DEVICE acc_t election_term(acc_t v) {
+  if (E == SignElection::kTotal) return v;
+  // sign(v): NaN for NaN (v * 0), so a NaN anywhere makes the score NaN.
+  return v > acc_t(0) ? acc_t(1) : (v < acc_t(0) ? acc_t(-1) : v * acc_t(0));
+}
+
+// Majority sign is +1 where the score is >= 0, else -1 (a NaN score elects -1).
+template <typename acc_t>
+LM_HOST_DEVICE bool majority_is_positive(acc_t score) {
+  return score >= acc_t(0);
+}
+
+// sign(v) == majority; zeros and NaN never match.
+template <typename acc_t>
+LM_HOST_DEVICE bool agrees_with_majority(acc_t v, bool majority_positive) {
+  return majority_positive ? v > acc_t(0) : v < acc_t(0);
+}
+
+// Disjoint merge of one element: sum(mask ? p : p * 0) / max(sum(mask), 1).
+template <typename acc_t>
+LM_HOST_DEVICE void add_masked(acc_t& sum, acc_t& count, acc_t p, bool selected) {
+  sum += selected ? p : p * acc_t(0);
+  count += selected ? acc_t(1) : acc_t(0);
+}
+
+template <typename acc_t>
+LM_HOST_DEVICE acc_t masked_mean(acc_t sum, acc_t count) {
+  return sum / (count > acc_t(1) ? count : acc_t(1));
+}
+
+template <typename acc_t>
+struct MaskedMean {
+  acc_t sum = acc_t(0);
+  acc_t count = acc_t(0);
+
+  LM_HOST_DEVICE void add(acc_t p, bool selected) { add_masked(sum, count, p, selected); }
+  LM_HOST_DEVICE acc_t result() const { return masked_mean(sum, count); }
+};
+
+// State of one element's merge under sign election. Both signs' masked sums are kept
+// so that one pass over the tasks suffices: the majority is known after the last task.
+// Written as free functions over the fields so the CPU can keep them as arrays (SIMD)
+// and the GPU in registers (MergeAccumulator below), with one definition of the rule.
+template <typename acc_t, SignElection E>
+LM_HOST_DEVICE void add_elected(acc_t& score, acc_t& pos_sum, acc_t& pos_count, acc_t& neg_sum,
+                                acc_t& neg_count, acc_t v, acc_t w) {
+  const acc_t p = v * w;
+  score += election_term<acc_t, E>(v);
+  add_masked(pos_sum, pos_count, p, v > acc_t(0));
+  add_masked(neg_sum, neg_count, p, v < acc_t(0));
+}
+
+template <typename acc_t>
+LM_HOST_DEVICE acc_t elected_result(acc_t score, acc_t pos_sum, acc_t pos_count, acc_t neg_sum,
+                                    acc_t neg_count) {
+  return majority_is_positive(score) ? masked_mean(pos_sum, pos_count)
+                                     : masked_mean(neg_sum, neg_count);
+}
+
+// Accumulates the merge of one element over the tasks: add(v_i, w_i) for each task in
+// order, then result().
+template <typename acc_t, SignElection E>
+struct MergeAccumulator {
+  acc_t score = acc_t(0);
+  acc_t pos_sum = acc_t(0), pos_count = acc_t(0);
+  acc_t neg_sum = acc_t(0), neg_count = acc_t(0);
+
+  LM_HOST_DEVICE void add(acc_t v, acc_t w) {
+    add_elected<acc_t, E>(score, pos_sum, pos_count, neg_sum, neg_count, v, w);
+  }
+  LM_HOST_DEVICE acc_t result() const {
+    return elected_result(score, pos_sum, pos_count, neg_sum, neg_count);
+  }
+};
+
+template <typename acc_t>
+struct MergeAccumulator<acc_t, SignElection::kNone> {
+  acc_t sum = acc_t(0);
+
+  LM_HOST_DEVICE void add(acc_t v, acc_t w) { sum += v * w; }
+  LM_HOST_DEVICE acc_t result() const { return sum; }
+};
+
+}  // namespace lorax_merge

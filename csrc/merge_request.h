@@ -1,0 +1,54 @@
+// Host-side description of one merge, validated once and handed to a device's kernels.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include "common/merge_rule.h"
+
+namespace lorax_merge {
+
+struct MergeRequest {
+  std::vector<at::Tensor> tasks;  // contiguous, one dtype, one shape, one device
+  at::Tensor weights;             // 1-D, one entry per task; on the CPU or the tasks' device
+  Pruning pruning = Pruning::kNone;
+  SignElection election = SignElection::kNone;
+  double density = 1.0;
+  bool rescale = false;
+  int64_t seed = 0;
+  int64_t first_stream = 0;  // task i draws from random stream first_stream + i
+  at::Tensor out;            // contiguous, the tasks' shape, written in full
+
+  int64_t numel() const { return out.numel(); }
+  int64_t num_tasks() const { return static_cast<int64_t>(tasks.size()); }
+  // Pruning happens only below density 1.
+  bool prunes() const { return pruning != Pruning::kNone && density < 1.0; }
+  bool prunes_by_magnitude() const { return prunes() && pruning == Pruning::kMagnitude; }
+  bool prunes_randomly() const { return prunes() && pruning == Pruning::kRandom; }
+};
+
+Pruning parse_pruning(c10::string_view name);
+SignElection parse_election(c10::string_view name);
+
+// Checks shared by every op; each failure raises ValueError/TypeError naming the argument.
+void check_density(double density);
+void check_float_dtype(const at::Tensor& t, const char* arg);
+void check_tasks(at::TensorList tasks, const char* arg = "tasks");
+void check_weights(const at::Tensor& weights, int64_t num_tasks, const at::Tensor& first_task);
+void check_out(const at::Tensor& out, const at::Tensor& first_task, at::ScalarType dtype);
+
+// float64 when the tasks or the result are float64, else float32.
+at::ScalarType accumulate_type(at::ScalarType task_dtype, at::ScalarType out_dtype);
+
+// Build a request over contiguous views of the tasks (non-contiguous tasks are copied).
+MergeRequest make_request(at::TensorList tasks, const at::Tensor& weights, c10::string_view pruning,
+                          c10::string_view election, double density, bool rescale, int64_t seed,
+                          int64_t first_stream, at::Tensor out);
+
+// Host copy of the weights as doubles (the weights tensor must be on the CPU).
+std::vector<double> host_weights(const at::Tensor& weights);
+
+}  // namespace lorax_merge

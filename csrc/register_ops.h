@@ -1,0 +1,114 @@
+// Op bodies shared by every device. A device provides a `Kernels` type with
+//   static void fused_merge(const MergeRequest&);
+//   static void fused_merge_many(const std::vector<MergeRequest>&);
+//   static void majority_sign_mask(const at::Tensor& stacked, SignElection, at::Tensor& mask);
+//   static void disjoint_merge(const at::Tensor& stacked, const at::Tensor& mask, at::Tensor& out);
+// and calls register_device_ops<Kernels>(m) from its TORCH_LIBRARY_IMPL block; argument
+// checking and output allocation live here, once.
+#pragma once
+
+#include <optional>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "merge_request.h"
+
+namespace lorax_merge {
+
+// Output of a merge: contiguous, the tasks' shape and device.
+at::Tensor new_merge_output(at::TensorList tasks, at::ScalarType dtype);
+at::Tensor unit_weight();
+at::Tensor new_sign_mask_output(const at::Tensor& stacked, c10::string_view method,
+                                SignElection& election);
+at::Tensor new_disjoint_merge_output(const at::Tensor& stacked, const at::Tensor& mask);
+std::vector<MergeRequest> make_group_requests(at::TensorList tasks, at::IntArrayRef group_sizes,
+                                              const at::Tensor& weights, c10::string_view pruning,
+                                              c10::string_view election, double density,
+                                              bool rescale, at::IntArrayRef seeds,
+                                              at::ScalarType out_dtype);
+
+template <typename Kernels>
+struct DeviceOps {
+  static at::Tensor merge(at::TensorList tasks, const at::Tensor& weights, c10::string_view pruning,
+                          c10::string_view election, double density, bool rescale, int64_t seed,
+                          at::ScalarType out_dtype) {
+    at::Tensor out = new_merge_output(tasks, out_dtype);
+    Kernels::fused_merge(
+        make_request(tasks, weights, pruning, election, density, rescale, seed, 0, out));
+    return out;
+  }
+
+  static void merge_out(at::TensorList tasks, const at::Tensor& weights, c10::string_view pruning,
+                        c10::string_view election, double density, bool rescale, int64_t seed,
+                        const at::Tensor& out) {
+    check_tasks(tasks);
+    check_out(out, tasks[0], out.scalar_type());
+    if (out.is_contiguous()) {
+      Kernels::fused_merge(
+          make_request(tasks, weights, pruning, election, density, rescale, seed, 0, out));
+      return;
+    }
+    // A strided destination gets a contiguous result copied in.
+    at::Tensor result = merge(tasks, weights, pruning, election, density, rescale, seed,
+                              out.scalar_type());
+    const_cast<at::Tensor&>(out).copy_(result);
+  }
+
+  static std::vector<at::Tensor> merge_many(at::TensorList tasks, at::IntArrayRef group_sizes,
+                                            const at::Tensor& weights, c10::string_view pruning,
+                                            c10::string_view election, double density,
+                                            bool rescale, at::IntArrayRef seeds,
+                                            at::ScalarType out_dtype) {
+    std::vector<MergeRequest> requests = make_group_requests(
+        tasks, group_sizes, weights, pruning, election, density, rescale, seeds, out_dtype);
+    if (!requests.empty()) Kernels::fused_merge_many(requests);
+    std::vector<at::Tensor> outs;
+    outs.reserve(requests.size());
+    for (MergeRequest& r : requests) outs.push_back(std::move(r.out));
+    return outs;
+  }
+
+  static at::Tensor magnitude_prune(const at::Tensor& x, double density) {
+    at::Tensor out = new_merge_output({x}, x.scalar_type());
+    Kernels::fused_merge(
+        make_request({x}, unit_weight(), "magnitude", "none", density, false, 0, 0, out));
+    return out;
+  }
+
+  static at::Tensor random_prune(const at::Tensor& x, double density, bool rescale, int64_t seed,
+                                 int64_t stream) {
+    at::Tensor out = new_merge_output({x}, x.scalar_type());
+    Kernels::fused_merge(
+        make_request({x}, unit_weight(), "random", "none", density, rescale, seed, stream, out));
+    return out;
+  }
+
+  static at::Tensor majority_sign_mask(const at::Tensor& stacked, c10::string_view method) {
+    SignElection election;
+    at::Tensor mask = new_sign_mask_output(stacked, method, election);
+    Kernels::majority_sign_mask(stacked.contiguous(), election, mask);
+    return mask;
+  }
+
+  static at::Tensor disjoint_merge(const at::Tensor& stacked, const at::Tensor& mask) {
+    at::Tensor out = new_disjoint_merge_output(stacked, mask);
+    Kernels::disjoint_merge(stacked.contiguous(), mask.contiguous(), out);
+    return out;
+  }
+};
+
+template <typename Kernels>
+void register_device_ops(torch::Library& m) {
+  using Ops = DeviceOps<Kernels>;
+  m.impl("merge", &Ops::merge);
+  m.impl("merge_out", &Ops::merge_out);
+  m.impl("merge_many", &Ops::merge_many);
+  m.impl("magnitude_prune", &Ops::magnitude_prune);
+  m.impl("random_prune", &Ops::random_prune);
+  m.impl("majority_sign_mask", &Ops::majority_sign_mask);
+  m.impl("disjoint_merge", &Ops::disjoint_merge);
+}
+
+}  // namespace lorax_merge

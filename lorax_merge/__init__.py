@@ -1,0 +1,26 @@
+"""Fast, exact merging of LoRA adapters with the LoRAX strategies (linear, TIES, DARE).
+
+The work runs in compiled ops (``torch.ops.lorax_merge``) with a CPU and a CUDA kernel each;
+this package is the thin Python layer: argument checks, dtype rules and the strategy
+registry.
+"""
+
+from . import _ops  # noqa: F401  (registers the ops before anything uses them)
+from . import strategies, utils
+from .api import build_info, derive_seed, draw_seed, merge, merge_many
+from .strategies import MergeStrategy, strategy_registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "build_info",
+    "derive_seed",
+    "draw_seed",
+    "merge",
+    "merge_many",
+    "strategies",
+    "strategy_registry",
+    "utils",
+    "MergeStrategy",
+]

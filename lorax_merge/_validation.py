@@ -1,0 +1,203 @@
+"""Argument checks of the public API: each bad argument raises ValueError or TypeError
+whose message names the argument and the offending value. All checks read host-side
+metadata only (dtype, shape, device); none reads tensor data or synchronises a GPU."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAJORITY_SIGN_METHODS = ("total", "frequency")
+PRUNE_METHODS = ("magnitude", "random")
+
+
+@dataclass(frozen=True)
+class StrategyPlan:
+    """Where a strategy sits in (pruning x sign election)."""
+
+    pruning: str  # "none" | "magnitude" | "random"
+    elects_sign: bool
+    rescale: bool
+
+
+STRATEGY_PLANS: dict[str, StrategyPlan] = {
+    "linear": StrategyPlan("none", False, False),
+    "magnitude_prune": StrategyPlan("magnitude", False, False),
+    "ties": StrategyPlan("magnitude", True, False),
+    "dare_linear": StrategyPlan("random", False, True),
+    "dare_ties": StrategyPlan("random", True, True),
+}
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def strategy_plan(strategy: object) -> StrategyPlan:
+    if not isinstance(strategy, str) or strategy not in STRATEGY_PLANS:
+        raise ValueError(
+            f"strategy: unknown strategy {_describe(strategy)}; "
+            f"expected one of {sorted(STRATEGY_PLANS)}"
+        )
+    return STRATEGY_PLANS[strategy]
+
+
+def check_density(density: object, arg: str = "density") -> float:
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise TypeError(f"{arg} must be a real number, got {_describe(density)}")
+    value = float(density)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{arg} must be >= 0, got {value}")
+    return value
+
+
+def check_majority_sign_method(method: object) -> str:
+    if not isinstance(method, str) or method not in MAJORITY_SIGN_METHODS:
+        raise ValueError(
+            f"majority_sign_method: unknown method {_describe(method)}; "
+            f"expected 'total' or 'frequency'"
+        )
+    return method
+
+
+def check_prune_method(method: object) -> str:
+    if not isinstance(method, str) or method not in PRUNE_METHODS:
+        raise ValueError(
+            f"method: unknown pruning method {_describe(method)}; expected 'magnitude' or 'random'"
+        )
+    return method
+
+
+def check_float_tensor(t: object, arg: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{arg} has dtype {t.dtype}; supported: float32, float16, bfloat16, float64"
+        )
+    return t
+
+
+def check_task_tensors(task_tensors: object, arg: str = "task_tensors") -> list[torch.Tensor]:
+    if isinstance(task_tensors, torch.Tensor) or not isinstance(task_tensors, Sequence):
+        raise TypeError(
+            f"{arg} must be a sequence of tensors, got {type(task_tensors).__name__}"
+        )
+    tasks = list(task_tensors)
+    if not tasks:
+        raise ValueError(f"{arg} is empty; at least one tensor is needed")
+    first = check_float_tensor(tasks[0], f"{arg}[0]")
+    for i, t in enumerate(tasks[1:], start=1):
+        check_float_tensor(t, f"{arg}[{i}]")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{arg}[{i}] has dtype {t.dtype} but {arg}[0] has dtype {first.dtype}")
+        if t.shape != first.shape:
+            raise ValueError(
+                f"{arg}[{i}] has shape {tuple(t.shape)} but {arg}[0] has shape {tuple(first.shape)}"
+            )
+        if t.device != first.device:
+            raise ValueError(f"{arg}[{i}] is on {t.device} but {arg}[0] is on {first.device}")
+    return tasks
+
+
+def is_weight_vector(weights: object) -> bool:
+    """A tensor, or a sequence of plain numbers (as opposed to a sequence of vectors)."""
+    if isinstance(weights, torch.Tensor):
+        return True
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        return False
+    return all(isinstance(w, numbers.Real) and not isinstance(w, torch.Tensor) for w in weights)
+
+
+def as_weight_tensor(
+    weights: object, num_tasks: int, device: torch.device, arg: str = "weights"
+) -> torch.Tensor:
+    """The weights as a 1-D tensor on the CPU or on `device`.
+
+    A sequence of numbers becomes a float32 tensor, as ``torch.tensor(list)`` would.
+    """
+    if isinstance(weights, torch.Tensor):
+        w = weights
+        if w.dtype == torch.bool or w.is_complex():
+            raise TypeError(f"{arg} must hold real numbers, got dtype {w.dtype}")
+        if w.dim() == 0:
+            w = w.reshape(1)
+        if w.dim() != 1:
+            raise ValueError(f"{arg} must be 1-D, got shape {tuple(w.shape)}")
+        if w.device != device and w.device.type != "cpu":
+            # A CPU merge reads its weights on the host; a GPU merge reads them where they are.
+            w = w.to(device if device.type != "cpu" else "cpu")
+    else:
+        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+            raise TypeError(
+                f"{arg} must be a 1-D tensor or a sequence of numbers, got {_describe(weights)}"
+            )
+        values = list(weights)
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{arg}[{i}] must be a real number, got {_describe(v)}")
+        w = torch.tensor([float(v) for v in values], dtype=torch.float32)
+    if w.numel() != num_tasks:
+        raise ValueError(f"{arg} has {w.numel()} entries but there are {num_tasks} task tensors")
+    return w
+
+
+def check_out_dtype(out_dtype: object) -> torch.dtype | None:
+    if out_dtype is None:
+        return None
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"out_dtype must be torch.float32, float16, bfloat16 or float64, got "
+            f"{_describe(out_dtype)}"
+        )
+    return out_dtype
+
+
+def result_dtype(
+    task: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None, out_dtype: object
+) -> torch.dtype:
+    """The dtype of ``stack(tasks) * weights``, unless ``out``/``out_dtype`` chooses one."""
+    requested = check_out_dtype(out_dtype)
+    if out is not None:
+        if requested is not None and out.dtype != requested:
+            raise TypeError(f"out has dtype {out.dtype} but out_dtype is {requested}")
+        return out.dtype
+    if requested is not None:
+        return requested
+    return torch.promote_types(task.dtype, weights.dtype)
+
+
+def check_out(out: object, task: torch.Tensor) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"out has dtype {out.dtype}; supported: float32, float16, bfloat16, float64")
+    if out.shape != task.shape:
+        raise ValueError(
+            f"out has shape {tuple(out.shape)} but the task tensors have shape {tuple(task.shape)}"
+        )
+    if out.device != task.device:
+        raise ValueError(f"out is on {out.device} but the task tensors are on {task.device}")
+    return out
+
+
+def check_seed(seed: object, arg: str = "seed") -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{arg} must be an int or None, got {_describe(seed)}")
+    return int(seed)
+
+
+def check_stream(stream: object) -> int:
+    if isinstance(stream, bool) or not isinstance(stream, numbers.Integral):
+        raise TypeError(f"stream must be an int, got {_describe(stream)}")
+    if not 0 <= int(stream) < 2**63:
+        raise ValueError(f"stream must be in [0, 2**63), got {stream}")
+    return int(stream)

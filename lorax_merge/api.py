@@ -1,0 +1,219 @@
+"""The merge entry points: ``merge`` for one tensor, ``merge_many`` for many at once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _ops
+from ._validation import (
+    as_weight_tensor,
+    check_density,
+    check_majority_sign_method,
+    check_out,
+    check_out_dtype,
+    check_seed,
+    check_task_tensors,
+    is_weight_vector,
+    result_dtype,
+    strategy_plan,
+)
+
+__all__ = ["merge", "merge_many", "derive_seed", "draw_seed", "build_info"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """The seed of group ``index`` when ``merge_many`` is given one seed for all groups.
+
+    ``splitmix64(splitmix64(seed mod 2**64) xor index)``, reduced to [0, 2**63): stable across
+    versions, platforms and devices.
+    """
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)) >> 1
+
+
+def draw_seed() -> int:
+    """A fresh seed from torch's default CPU generator (``torch.manual_seed`` fixes it)."""
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+def _op_seed(seed: int) -> int:
+    """Any Python int as the op's signed 64-bit seed; the kernels use its 64 bits."""
+    seed &= _MASK64
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _resolve(strategy: str, density: object, majority_sign_method: object):
+    plan = strategy_plan(strategy)
+    density = check_density(density) if plan.pruning != "none" else 1.0
+    election = check_majority_sign_method(majority_sign_method) if plan.elects_sign else "none"
+    return plan, density, election
+
+
+def merge(
+    task_tensors: Sequence[torch.Tensor],
+    weights: torch.Tensor | Sequence[float],
+    strategy: str = "linear",
+    *,
+    density: float = 1.0,
+    majority_sign_method: str = "total",
+    seed: int | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Merge task tensors (one module of several adapters) into one tensor.
+
+    Args:
+        task_tensors: tensors of one shape, dtype (float32, float16, bfloat16 or float64)
+            and device. Any shape and layout; they are never modified.
+        weights: one weight per task: a 1-D tensor (any device, any real dtype) or a
+            sequence of numbers (taken as a float32 tensor). Negative weights are allowed.
+        strategy: ``"linear"`` (sum of w_i * t_i), ``"magnitude_prune"`` (keep the
+            ``int(density * numel)`` largest |t_i|, then linear), ``"ties"`` (magnitude pruning,
+            sign election, disjoint merge), ``"dare_linear"`` (random pruning rescaled by
+            1/density, then linear) or ``"dare_ties"`` (random pruning, sign election, disjoint
+            merge).
+        density: fraction of entries kept by pruning; >= 1 prunes nothing, 0 drops everything.
+        majority_sign_method: ``"total"`` (sign of the sum of values) or ``"frequency"`` (sign
+            of the sum of signs), for the strategies that elect a sign.
+        seed: seed of the random masks (DARE). Task i uses random stream i. ``None`` draws a
+            seed from torch's default generator.
+        out: optional destination, of the tasks' shape and device; it is returned.
+        out_dtype: dtype of the result.
+
+    Returns:
+        The merged tensor. Its dtype is ``torch.promote_types(task dtype, weights dtype)``
+        (bfloat16 tasks with float weights give float32), unless ``out`` or ``out_dtype``
+        chooses another. Accumulation is in float32 (float64 when tasks or result are float64).
+
+    Raises:
+        ValueError, TypeError: for bad arguments, with the argument named.
+    """
+    tasks = check_task_tensors(task_tensors)
+    plan, density, election = _resolve(strategy, density, majority_sign_method)
+    seed = check_seed(seed)
+    w = as_weight_tensor(weights, len(tasks), tasks[0].device)
+    if out is not None:
+        check_out(out, tasks[0])
+    dtype = result_dtype(tasks[0], w, out, out_dtype)
+    op_seed = 0
+    if plan.pruning == "random" and density < 1:
+        op_seed = _op_seed(draw_seed() if seed is None else seed)
+    args = (tasks, w, plan.pruning, election, density, plan.rescale, op_seed)
+    if out is not None:
+        _ops.ops.merge_out(*args, out)
+        return out
+    return _ops.ops.merge(*args, dtype)
+
+
+def merge_many(
+    groups: Sequence[Sequence[torch.Tensor]],
+    weights: torch.Tensor | Sequence[float] | Sequence[torch.Tensor | Sequence[float]],
+    *,
+    strategy: str = "linear",
+    density: float = 1.0,
+    majority_sign_method: str = "total",
+    seed: int | Sequence[int] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """Merge many groups of task tensors (e.g. every module of an adapter) in one call.
+
+    Each group is merged exactly as ``merge(group, group_weights, strategy, ...)`` would,
+    but all groups share the threshold selection and the fused pass: a few launches (GPU) or
+    one parallel loop (CPU) for the whole batch. Shapes and task counts may differ between
+    groups; all tensors must be on one device.
+
+    Args:
+        groups: one sequence of task tensors per group.
+        weights: one weights vector for every group (all groups then have the same number of
+            tasks), or a sequence with one weights vector per group.
+        seed: one int, from which group g uses ``derive_seed(seed, g)``; or one int per group;
+            or ``None`` to draw one seed from torch's default generator.
+        strategy, density, majority_sign_method, out_dtype: as in ``merge``.
+
+    Returns:
+        One merged tensor per group, in order.
+    """
+    if isinstance(groups, torch.Tensor) or not isinstance(groups, Sequence):
+        raise TypeError(f"groups must be a sequence of sequences of tensors, got {type(groups).__name__}")
+    groups = [check_task_tensors(g, f"groups[{i}]") for i, g in enumerate(groups)]
+    if not groups:
+        return []
+    plan, density, election = _resolve(strategy, density, majority_sign_method)
+    requested = check_out_dtype(out_dtype)
+    device = groups[0][0].device
+    for i, g in enumerate(groups):
+        if g[0].device != device:
+            raise ValueError(f"groups[{i}] is on {g[0].device} but groups[0] is on {device}")
+
+    if is_weight_vector(weights):
+        group_weights = [as_weight_tensor(weights, len(g), device) for g in groups]
+    else:
+        if not isinstance(weights, Sequence) or len(weights) != len(groups):
+            raise ValueError(
+                f"weights must be one weights vector or one per group ({len(groups)} groups)"
+            )
+        group_weights = [
+            as_weight_tensor(w, len(g), device, f"weights[{i}]")
+            for i, (w, g) in enumerate(zip(weights, groups))
+        ]
+
+    if seed is None or not isinstance(seed, Sequence):
+        base = check_seed(seed)
+        base = draw_seed() if base is None else base
+        seeds = [derive_seed(base, i) for i in range(len(groups))]
+    else:
+        if len(seed) != len(groups):
+            raise ValueError(f"seed has {len(seed)} entries but there are {len(groups)} groups")
+        seeds = [check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
+    uses_seed = plan.pruning == "random" and density < 1
+    seeds = [_op_seed(s) if uses_seed else 0 for s in seeds]
+
+    # One op call per result dtype (usually one).
+    dtypes = [result_dtype(g[0], w, None, requested) for g, w in zip(groups, group_weights)]
+    results: list[torch.Tensor | None] = [None] * len(groups)
+    for dtype in dict.fromkeys(dtypes):
+        members = [i for i, d in enumerate(dtypes) if d == dtype]
+        flat = [t for i in members for t in groups[i]]
+        on_device = any(group_weights[i].device != torch.device("cpu") for i in members)
+        w_device = device if on_device else torch.device("cpu")
+        flat_weights = torch.cat(
+            [group_weights[i].to(device=w_device, dtype=torch.float64) for i in members]
+        )
+        outs = _ops.ops.merge_many(
+            flat,
+            [len(groups[i]) for i in members],
+            flat_weights,
+            plan.pruning,
+            election,
+            density,
+            plan.rescale,
+            [seeds[i] for i in members],
+            dtype,
+        )
+        for i, o in zip(members, outs):
+            results[i] = o
+    return results  # type: ignore[return-value]
+
+
+def build_info() -> dict[str, object]:
+    """What this installation was built with and runs on."""
+    from . import __version__
+
+    return {
+        "version": __version__,
+        "torch_version": torch.__version__,
+        "cuda_compiled": _ops.WITH_CUDA,
+        "cuda_archs": list(_ops.CUDA_ARCHS),
+        "cuda_available": _ops.WITH_CUDA and torch.cuda.is_available(),
+        "num_threads": torch.get_num_threads(),
+    }

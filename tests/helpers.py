@@ -1,0 +1,131 @@
+"""Data generators and small utilities shared by the test modules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lorax_merge import utils
+
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+STRATEGIES = ["linear", "magnitude_prune", "ties", "dare_linear", "dare_ties"]
+RANDOM_STRATEGIES = {"dare_linear", "dare_ties"}
+ELECTING_STRATEGIES = {"ties", "dare_ties"}
+
+#: a few values whose sums are exact in every dtype: plenty of ties and sign-sum zeros
+TIE_VALUES = (-2.0, -1.0, -0.5, -0.0, 0.0, 0.5, 1.0, 2.0)
+
+_DISTINCT_RANGE = {
+    # (first, last) bit pattern of the positive normals in [2**-6, 2**6)
+    torch.bfloat16: (0x3C80, 0x4280),
+    torch.float16: (0x1C00, 0x5800),
+}
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    """A CPU generator with a fixed seed."""
+    return torch.Generator().manual_seed(seed)
+
+
+def tie_free(shape: Sequence[int], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Random signed values whose magnitudes are pairwise distinct in ``dtype``."""
+    gen = generator(seed)
+    n = 1
+    for s in shape:
+        n *= s
+    if dtype in _DISTINCT_RANGE:
+        lo, hi = _DISTINCT_RANGE[dtype]
+        assert n <= hi - lo, "too many elements for distinct 16-bit magnitudes"
+        bits = (lo + torch.randperm(hi - lo, generator=gen)[:n]).to(torch.int16)
+        mags = bits.view(dtype)
+        signs = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).to(dtype)
+        return (mags * signs).reshape(shape)
+    for _ in range(100):
+        x = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+        if torch.unique(x.abs()).numel() == n and bool((x != 0).all()):
+            return x.reshape(shape)
+    raise AssertionError("could not draw tie-free data")
+
+
+def tie_heavy(shape: Sequence[int], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Values drawn from :data:`TIE_VALUES` (exact in every dtype)."""
+    gen = generator(seed)
+    values = torch.tensor(TIE_VALUES, dtype=dtype)
+    idx = torch.randint(len(TIE_VALUES), tuple(shape), generator=gen)
+    return values[idx]
+
+
+def normal(shape: Sequence[int], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Standard normal values rounded to ``dtype``."""
+    return torch.randn(tuple(shape), generator=generator(seed), dtype=torch.float64).to(dtype)
+
+
+def make_tasks(
+    n: int,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    kind: str = "normal",
+    seed: int = 0,
+    device: str = "cpu",
+) -> list[torch.Tensor]:
+    """``n`` task tensors of one kind ("normal", "tie_free", "tie_heavy")."""
+    make = {"normal": normal, "tie_free": tie_free, "tie_heavy": tie_heavy}[kind]
+    return [make(shape, dtype, seed=seed * 1000 + i).to(device) for i in range(n)]
+
+
+def random_mask(
+    shape: Sequence[int], density: float, seed: int, stream: int = 0, device: str = "cpu"
+) -> torch.Tensor:
+    """The keep-mask random pruning uses for (seed, stream): prune a tensor of ones."""
+    ones = torch.ones(tuple(shape), dtype=torch.float32, device=device)
+    return utils.prune(ones, density, "random", rescale=False, seed=seed, stream=stream) != 0
+
+
+def dare_masks(tasks: Sequence[torch.Tensor], density: float, seed: int) -> list[torch.Tensor]:
+    """The keep-masks a DARE merge with ``seed`` applies: task i uses stream i."""
+    return [
+        random_mask(t.shape, density, seed, i, device=str(t.device)) for i, t in enumerate(tasks)
+    ]
+
+
+def snapshot(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Bitwise copies, to check later that inputs were not modified."""
+    return [t.detach().clone() for t in tensors]
+
+
+def assert_unmodified(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> None:
+    """Every tensor in ``after`` still holds the bits recorded in ``before``."""
+    for i, (b, a) in enumerate(zip(before, after)):
+        assert torch.equal(_bits(b), _bits(a)), f"input {i} was modified"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().contiguous()
+    view = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()]
+    return t.view(view) if t.dim() else t.reshape(1).view(view)
+
+
+def transposed(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a column-major (for 2-D and more: non-contiguous) layout."""
+    dims = list(range(t.dim()))[::-1]
+    return t.permute(dims).contiguous().permute(dims)
+
+
+def strided_slice(t: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous view holding ``t``'s values (every other column of a wider buffer)."""
+    wide = torch.zeros(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    view = wide[..., ::2]
+    assert not view.is_contiguous()
+    return view
+
+
+def merge_kwargs(
+    strategy: str, density: float, method: str = "total", seed: int | None = 7
+) -> dict:
+    """Keyword arguments of :func:`lorax_merge.merge` for a strategy."""
+    kw: dict = {"density": density, "majority_sign_method": method}
+    if strategy in RANDOM_STRATEGIES:
+        kw["seed"] = seed
+    return kw

@@ -1,0 +1,217 @@
+"""Bad input gives a ValueError/TypeError that names the argument and the value."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from conftest import CUDA_AVAILABLE
+from helpers import ELECTING_STRATEGIES, STRATEGIES, make_tasks
+
+import lorax_merge
+from lorax_merge import strategies, utils
+
+PRUNING = [s for s in STRATEGIES if s != "linear"]
+needs_cuda = pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device visible")
+
+
+def raises_naming(*words: str):
+    """pytest.raises for ValueError/TypeError whose message contains every word."""
+    pattern = "(?s)" + "".join(f"(?=.*{re.escape(w)})" for w in words)
+    return pytest.raises((ValueError, TypeError), match=pattern)
+
+
+def _tasks(n=3, shape=(4, 5), dtype=torch.float32):
+    return make_tasks(n, shape, dtype, "normal", seed=1)
+
+
+# --------------------------------------------------------------------------- task tensors
+
+
+def test_empty_task_list():
+    with raises_naming("task_tensors"):
+        lorax_merge.merge([], [], "linear")
+    with raises_naming("task_tensors"):
+        strategies.LinearMerge().merge([], torch.tensor([]))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_shapes_differ(strategy):
+    tasks = [torch.zeros(3, 4), torch.zeros(4, 3)]
+    with raises_naming("task_tensors", "4, 3"):
+        lorax_merge.merge(tasks, [1.0, 1.0], strategy, density=0.5, seed=0)
+
+
+def test_same_numel_different_rank_is_rejected():
+    with raises_naming("task_tensors", "12"):
+        lorax_merge.merge([torch.zeros(3, 4), torch.zeros(12)], [1.0, 1.0])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dtypes_differ(strategy):
+    tasks = [torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.bfloat16)]
+    with raises_naming("task_tensors", "bfloat16"):
+        lorax_merge.merge(tasks, [1.0, 1.0], strategy, density=0.5, seed=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool], ids=str)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_integer_and_bool_tasks(strategy, dtype):
+    tasks = [torch.zeros(3, 4, dtype=dtype), torch.zeros(3, 4, dtype=dtype)]
+    name = str(dtype).replace("torch.", "")
+    with raises_naming("task_tensors", name):
+        lorax_merge.merge(tasks, [1.0, 1.0], strategy, density=0.5, seed=0)
+
+
+def test_complex_tasks():
+    tasks = [torch.zeros(3, dtype=torch.complex64)] * 2
+    with raises_naming("task_tensors", "complex64"):
+        lorax_merge.merge(tasks, [1.0, 1.0])
+
+
+@needs_cuda
+def test_tasks_on_different_devices():
+    tasks = [torch.zeros(3, 4), torch.zeros(3, 4, device="cuda")]
+    with raises_naming("task_tensors", "cuda"):
+        lorax_merge.merge(tasks, [1.0, 1.0])
+
+
+# --------------------------------------------------------------------------- weights
+
+
+@pytest.mark.parametrize(
+    "weights", [[1.0, 2.0], [1.0, 2.0, 3.0, 4.0], torch.ones(2), torch.ones(4)]
+)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_weights_of_wrong_length(strategy, weights):
+    n = len(weights)
+    with raises_naming("weights", str(n)):
+        lorax_merge.merge(_tasks(3), weights, strategy, density=0.5, seed=0)
+
+
+def test_weights_of_wrong_rank():
+    with raises_naming("weights"):
+        lorax_merge.merge(_tasks(3), torch.ones(3, 1), "linear")
+
+
+def test_strategy_object_weights_of_wrong_length():
+    with raises_naming("weights", "2"):
+        strategies.TiesMerge(0.5).merge(_tasks(3), torch.ones(2))
+
+
+# --------------------------------------------------------------------------- density
+
+
+@pytest.mark.parametrize("density,text", [(-0.5, "-0.5"), (-1e-9, "-1e-09"), (math.nan, "nan")])
+@pytest.mark.parametrize("strategy", PRUNING)
+def test_bad_density_in_merge(strategy, density, text):
+    with raises_naming("density", text):
+        lorax_merge.merge(_tasks(), [1.0, 1.0, 1.0], strategy, density=density, seed=0)
+
+
+@pytest.mark.parametrize("density,text", [(-0.5, "-0.5"), (math.nan, "nan")])
+@pytest.mark.parametrize("strategy", PRUNING)
+def test_bad_density_in_strategy_objects(strategy, density, text):
+    with raises_naming("density", text):
+        cls = strategies.strategy_registry[strategy]
+        cls(density=density).merge(_tasks(), torch.ones(3))
+
+
+@pytest.mark.parametrize("density,text", [(-0.5, "-0.5"), (math.nan, "nan")])
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_bad_density_in_prune(method, density, text):
+    with raises_naming("density", text):
+        utils.prune(torch.ones(10), density, method)
+
+
+# --------------------------------------------------------------------------- names
+
+
+def test_unknown_strategy():
+    with raises_naming("strategy", "tie"):
+        lorax_merge.merge(_tasks(), [1.0, 1.0, 1.0], "tie")
+
+
+@pytest.mark.parametrize("strategy", sorted(ELECTING_STRATEGIES))
+def test_unknown_majority_sign_method(strategy):
+    with raises_naming("majority_sign_method", "median"):
+        lorax_merge.merge(
+            _tasks(), [1.0, 1.0, 1.0], strategy, density=0.5, majority_sign_method="median", seed=0
+        )
+    with raises_naming("majority_sign_method", "median"):
+        cls = strategies.strategy_registry[strategy]
+        cls(density=0.5, majority_sign_method="median").merge(_tasks(), torch.ones(3))
+
+
+def test_unknown_prune_method():
+    with raises_naming("method", "topk"):
+        utils.prune(torch.ones(10), 0.5, "topk")
+
+
+def test_unknown_sign_mask_method():
+    with raises_naming("method", "median"):
+        utils.calculate_majority_sign_mask(torch.ones(3, 4), "median")
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool], ids=str)
+def test_primitives_reject_non_float(dtype):
+    name = str(dtype).replace("torch.", "")
+    with raises_naming(name):
+        utils.prune(torch.ones(10, dtype=dtype), 0.5, "magnitude")
+    with raises_naming(name):
+        utils.calculate_majority_sign_mask(torch.ones(3, 4, dtype=dtype))
+
+
+def test_disjoint_merge_mask_shape_mismatch():
+    with raises_naming("mask"):
+        utils.disjoint_merge(torch.ones(3, 4), torch.ones(3, 5, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------- out / out_dtype
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_out_of_wrong_shape(strategy):
+    out = torch.empty(5, 4)
+    with raises_naming("out", "5, 4"):
+        lorax_merge.merge(_tasks(), [1.0, 1.0, 1.0], strategy, density=0.5, seed=0, out=out)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool], ids=str)
+def test_out_of_wrong_dtype(dtype):
+    out = torch.empty(4, 5, dtype=dtype)
+    with raises_naming("out", str(dtype).replace("torch.", "")):
+        lorax_merge.merge(_tasks(), [1.0, 1.0, 1.0], out=out)
+
+
+def test_out_dtype_not_floating():
+    with raises_naming("out_dtype", "int64"):
+        lorax_merge.merge(_tasks(), [1.0, 1.0, 1.0], out_dtype=torch.int64)
+
+
+def test_out_and_out_dtype_disagree():
+    out = torch.empty(4, 5, dtype=torch.float64)
+    with raises_naming("out"):
+        lorax_merge.merge(_tasks(), [1.0, 1.0, 1.0], out=out, out_dtype=torch.float32)
+
+
+@needs_cuda
+def test_out_on_wrong_device():
+    out = torch.empty(4, 5, device="cuda")
+    with raises_naming("out", "cuda"):
+        lorax_merge.merge(_tasks(), [1.0, 1.0, 1.0], out=out)
+
+
+# --------------------------------------------------------------------------- no partial writes
+
+
+def test_failed_call_leaves_out_untouched():
+    out = torch.full((4, 5), 7.0)
+    with raises_naming("density"):
+        lorax_merge.merge(_tasks(), [1.0, 1.0, 1.0], "ties", density=-1.0, out=out)
+    assert bool((out == 7.0).all())
