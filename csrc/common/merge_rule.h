@@ -126,9 +126,16 @@ struct MergeAccumulator {
   }
 };
 
+// The sum starts at -0 (the identity of IEEE addition), so that one task gives exactly
+// v * w, sign of zero included: pruning alone is a one-task merge with weight 1.
+template <typename acc_t>
+LM_HOST_DEVICE acc_t negative_zero() {
+  return -acc_t(0);
+}
+
 template <typename acc_t>
 struct MergeAccumulator<acc_t, SignElection::kNone> {
-  acc_t sum = acc_t(0);
+  acc_t sum = negative_zero<acc_t>();
 
   LM_HOST_DEVICE void add(acc_t v, acc_t w) { sum += v * w; }
   LM_HOST_DEVICE acc_t result() const { return sum; }

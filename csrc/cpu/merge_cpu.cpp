@@ -82,7 +82,7 @@ struct TileState<acc_t, SignElection::kNone> {
   alignas(64) acc_t sum[kTile];
 
   void reset() {
-    for (int64_t j = 0; j < kTile; ++j) sum[j] = acc_t(0);
+    for (int64_t j = 0; j < kTile; ++j) sum[j] = negative_zero<acc_t>();
   }
   void add(const acc_t* v, acc_t w, int64_t len) {
     for (int64_t j = 0; j < len; ++j) sum[j] += v[j] * w;

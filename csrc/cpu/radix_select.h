@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include "../common/keys.h"
+#include "bracket_scan.h"
 
 namespace lorax_merge {
 namespace cpu {
@@ -120,11 +121,6 @@ int64_t cut_after_equal_rank(const scalar_t* x, int64_t n, const Chunking& chunk
   return n;
 }
 
-struct Candidate {
-  uint64_t key;
-  int64_t index;
-};
-
 // The bucket copy may hold at most this many entries (16 bytes each).
 inline int64_t candidate_budget(int64_t n) { return std::max<int64_t>(n / 8, 16384); }
 
@@ -203,30 +199,16 @@ bool select_in_sampled_bracket(const scalar_t* x, int64_t n, int64_t k, const Ch
   const key_t hi = hi_rank >= 1 ? key_of_rank(hi_rank) : KeyTraits<scalar_t>::kNaN;
   const key_t lo = lo_rank <= samples ? key_of_rank(lo_rank) : key_t(0);
 
-  // Each chunk copies into its own slice of one buffer, branch-free (every key is
-  // written, the cursor advances only for keys inside the bracket), and gives up when
-  // its slice is full.
+  // Each chunk copies into its own slice of one buffer and gives up when it is full.
   const int64_t slice = candidate_budget(n) / chunks.count + 1;
   CandidateBuffer buffer(slice * chunks.count);
   std::vector<int64_t> above(static_cast<size_t>(chunks.count), 0);
   std::vector<int64_t> inside(static_cast<size_t>(chunks.count), -1);  // -1: slice overflowed
   chunks.for_each(n, [&, lo, hi](int64_t chunk, int64_t begin, int64_t end) {
-    constexpr int64_t kBlock = 256;
-    Candidate* const out = buffer.data() + chunk * slice;
-    const scalar_t* const data = x;
-    int64_t count = 0, count_above = 0;
-    for (int64_t block = begin; block < end; block += kBlock) {
-      if (count + kBlock > slice) return;
-      const int64_t stop = std::min(end, block + kBlock);
-      for (int64_t i = block; i < stop; ++i) {
-        const key_t key = magnitude_key(data[i]);
-        count_above += key > hi;
-        out[count] = Candidate{key, i};
-        count += (key >= lo) & (key <= hi);
-      }
-    }
+    int64_t count_above = 0;
+    inside[chunk] = scan_bracket(x, begin, end, lo, hi, buffer.data() + chunk * slice, slice,
+                                 &count_above);
     above[chunk] = count_above;
-    inside[chunk] = count;
   });
   int64_t total_above = 0, total_in = 0;
   for (int64_t c = 0; c < chunks.count; ++c) {
