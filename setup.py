@@ -1,8 +1,9 @@
 """Build of the lorax_merge extension.
 
 Environment variables:
-  LORAX_MERGE_CUDA        unset/"auto": compile the CUDA kernels when torch is a CUDA build and a
-                          CUDA toolkit is found; "0": CPU only; "1": CUDA required (error if impossible).
+  LORAX_MERGE_CUDA        unset/"auto": compile the CUDA kernels when torch is a CUDA build and
+                          a CUDA toolkit is found; "0": CPU only; "1": CUDA required (error if
+                          that is impossible).
   TORCH_CUDA_ARCH_LIST    CUDA architectures, e.g. "8.0;9.0". Default: the visible GPUs, or
                           "8.0;9.0" when no GPU is visible.
   LORAX_MERGE_PTXAS_VERBOSE=1   print ptxas register/spill reports while compiling.

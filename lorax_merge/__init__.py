@@ -5,8 +5,12 @@ this package is the thin Python layer: argument checks, dtype rules and the stra
 registry.
 """
 
-from . import _ops  # noqa: F401  (registers the ops before anything uses them)
-from . import strategies, utils
+from . import (
+    _ops,  # noqa: F401  (registers the ops before anything uses them)
+    strategies,
+    utils,
+)
+from .adapters import derive_tensor_seed, merge_adapter_configs, merge_adapters
 from .api import build_info, derive_seed, draw_seed, merge, merge_many
 from .strategies import MergeStrategy, strategy_registry
 
@@ -16,8 +20,11 @@ __all__ = [
     "__version__",
     "build_info",
     "derive_seed",
+    "derive_tensor_seed",
     "draw_seed",
     "merge",
+    "merge_adapter_configs",
+    "merge_adapters",
     "merge_many",
     "strategies",
     "strategy_registry",

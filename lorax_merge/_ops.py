@@ -61,4 +61,3 @@ def _majority_sign_mask_fake(stacked, method):
 def _disjoint_merge_fake(stacked, mask):
     dtype = torch.promote_types(stacked.dtype, torch.float32)
     return stacked.new_empty(stacked.shape[1:], dtype=dtype)
-

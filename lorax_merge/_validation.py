@@ -86,9 +86,7 @@ def check_float_tensor(t: object, arg: str) -> torch.Tensor:
 
 def check_task_tensors(task_tensors: object, arg: str = "task_tensors") -> list[torch.Tensor]:
     if isinstance(task_tensors, torch.Tensor) or not isinstance(task_tensors, Sequence):
-        raise TypeError(
-            f"{arg} must be a sequence of tensors, got {type(task_tensors).__name__}"
-        )
+        raise TypeError(f"{arg} must be a sequence of tensors, got {type(task_tensors).__name__}")
     tasks = list(task_tensors)
     if not tasks:
         raise ValueError(f"{arg} is empty; at least one tensor is needed")
@@ -177,7 +175,9 @@ def check_out(out: object, task: torch.Tensor) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
     if out.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"out has dtype {out.dtype}; supported: float32, float16, bfloat16, float64")
+        raise TypeError(
+            f"out has dtype {out.dtype}; supported: float32, float16, bfloat16, float64"
+        )
     if out.shape != task.shape:
         raise ValueError(
             f"out has shape {tuple(out.shape)} but the task tensors have shape {tuple(task.shape)}"

@@ -144,7 +144,9 @@ def merge_many(
         One merged tensor per group, in order.
     """
     if isinstance(groups, torch.Tensor) or not isinstance(groups, Sequence):
-        raise TypeError(f"groups must be a sequence of sequences of tensors, got {type(groups).__name__}")
+        raise TypeError(
+            f"groups must be a sequence of sequences of tensors, got {type(groups).__name__}"
+        )
     groups = [check_task_tensors(g, f"groups[{i}]") for i, g in enumerate(groups)]
     if not groups:
         return []

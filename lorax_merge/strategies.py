@@ -62,7 +62,9 @@ class _FusedStrategy(MergeStrategy):
         )
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(density={self.density}, method={self.majority_sign_method!r})"
+        return (
+            f"{type(self).__name__}(density={self.density}, method={self.majority_sign_method!r})"
+        )
 
 
 class LinearMerge(_FusedStrategy):

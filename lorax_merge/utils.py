@@ -45,7 +45,9 @@ def prune(
         return _ops.ops.magnitude_prune(tensor, density)
     seed = check_seed(seed)
     seed = draw_seed() if seed is None else seed
-    return _ops.ops.random_prune(tensor, density, bool(rescale), _op_seed(seed), check_stream(stream))
+    return _ops.ops.random_prune(
+        tensor, density, bool(rescale), _op_seed(seed), check_stream(stream)
+    )
 
 
 def calculate_majority_sign_mask(tensor: torch.Tensor, method: str = "total") -> torch.Tensor:

@@ -65,9 +65,11 @@ struct TileState {
       score[j] = pos_sum[j] = pos_count[j] = neg_sum[j] = neg_count[j] = acc_t(0);
     }
   }
-  void add(const acc_t* v, acc_t w, int64_t len) {
+  template <typename value_t>
+  void add(const value_t* v, acc_t w, int64_t len) {
     for (int64_t j = 0; j < len; ++j) {
-      add_elected<acc_t, E>(score[j], pos_sum[j], pos_count[j], neg_sum[j], neg_count[j], v[j], w);
+      add_elected<acc_t, E>(score[j], pos_sum[j], pos_count[j], neg_sum[j], neg_count[j],
+                            static_cast<acc_t>(v[j]), w);
     }
   }
   void finish(acc_t* result, int64_t len) const {
@@ -84,23 +86,20 @@ struct TileState<acc_t, SignElection::kNone> {
   void reset() {
     for (int64_t j = 0; j < kTile; ++j) sum[j] = negative_zero<acc_t>();
   }
-  void add(const acc_t* v, acc_t w, int64_t len) {
-    for (int64_t j = 0; j < len; ++j) sum[j] += v[j] * w;
+  template <typename value_t>
+  void add(const value_t* v, acc_t w, int64_t len) {
+    for (int64_t j = 0; j < len; ++j) sum[j] += static_cast<acc_t>(v[j]) * w;
   }
   void finish(acc_t* result, int64_t len) const {
     for (int64_t j = 0; j < len; ++j) result[j] = sum[j];
   }
 };
 
-// Pruned values of one task over one tile, in the accumulation type.
+// Pruned values of one task over one tile (magnitude or random), in the accumulation type.
 template <typename scalar_t, typename acc_t>
 void load_pruned_tile(const PreparedMerge& m, int64_t task, const scalar_t* x, int64_t base,
                       int64_t len, acc_t density, acc_t* v) {
   using key_t = typename KeyTraits<scalar_t>::key_t;
-  if (m.pruning == Pruning::kNone) {
-    for (int64_t j = 0; j < len; ++j) v[j] = static_cast<acc_t>(x[j]);
-    return;
-  }
   if (m.pruning == Pruning::kMagnitude) {
     // The threshold in the key's own width (keep-nothing becomes {max key, cut 0}) and
     // the tie cut relative to the tile, so the comparisons stay narrow and vectorise.
@@ -142,8 +141,13 @@ void run_tiles(const PreparedMerge& m, int64_t tile_begin, int64_t tile_end) {
     state.reset();
     for (int64_t t = 0; t < static_cast<int64_t>(m.tasks.size()); ++t) {
       const scalar_t* x = static_cast<const scalar_t*>(m.tasks[t]) + base;
-      load_pruned_tile<scalar_t, acc_t>(m, t, x, base, len, density, values);
-      state.add(values, static_cast<acc_t>(m.weights[t]), len);
+      const acc_t w = static_cast<acc_t>(m.weights[t]);
+      if (m.pruning == Pruning::kNone) {
+        state.add(x, w, len);  // nothing to prune: straight from the input
+      } else {
+        load_pruned_tile<scalar_t, acc_t>(m, t, x, base, len, density, values);
+        state.add(values, w, len);
+      }
     }
     state.finish(values, len);
     store_tile(m, base, values, len);
