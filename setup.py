@@ -5,7 +5,7 @@ Environment variables:
                           a CUDA toolkit is found; "0": CPU only; "1": CUDA required (error if
                           that is impossible).
   TORCH_CUDA_ARCH_LIST    CUDA architectures, e.g. "8.0;9.0". Default: the visible GPUs, or
-                          "8.0;9.0" when no GPU is visible.
+                          "8.0;9.0+PTX" when no GPU is visible.
   LORAX_MERGE_PTXAS_VERBOSE=1   print ptxas register/spill reports while compiling.
   LORAX_MERGE_CPU_ARCH    -march for the CPU kernels: "native" (default: tuned for the building
                           machine) or e.g. "x86-64-v3"; "none" for the compiler's default, for
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0+PTX"  # sm_80 and sm_90 machine code, PTX for newer GPUs
 
 
 def cuda_wanted() -> bool:

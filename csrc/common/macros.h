@@ -3,8 +3,7 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define LM_HOST_DEVICE __host__ __device__ __forceinline__
-#define LM_UNROLL _Pragma("unroll")
 #else
 #define LM_HOST_DEVICE inline
-#define LM_UNROLL
 #endif
+

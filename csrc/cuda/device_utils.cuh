@@ -1,0 +1,119 @@
+// Small device helpers shared by the kernels: type mapping, vector loads and stores,
+// segment lookup in block tables.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "launch.h"
+
+namespace lorax_merge {
+namespace cuda {
+
+template <Dtype D>
+struct ScalarOf;
+template <>
+struct ScalarOf<Dtype::kFloat> {
+  using type = float;
+};
+template <>
+struct ScalarOf<Dtype::kHalf> {
+  using type = c10::Half;
+};
+template <>
+struct ScalarOf<Dtype::kBFloat16> {
+  using type = c10::BFloat16;
+};
+template <>
+struct ScalarOf<Dtype::kDouble> {
+  using type = double;
+};
+
+// Loads N consecutive values from p, which is aligned to min(16, N * sizeof(T)) bytes,
+// with the widest accesses that alignment allows (16 bytes at most). Stores likewise
+// (global stores: the pointers come from descriptor tables, so the compiler cannot tell).
+template <typename T, int N>
+__device__ __forceinline__ void load_vector(const T* p, T (&out)[N]) {
+  constexpr int kBytes = N * static_cast<int>(sizeof(T));
+  if constexpr (kBytes % 16 == 0) {
+    uint4 raw[kBytes / 16];
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) raw[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+    memcpy(out, raw, kBytes);
+  } else if constexpr (kBytes == 8) {
+    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+    memcpy(out, &raw, kBytes);
+  } else {
+    static_assert(kBytes == 4, "unsupported vector width");
+    const unsigned int raw = __ldg(reinterpret_cast<const unsigned int*>(p));
+    memcpy(out, &raw, kBytes);
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vector(T* p, const T (&in)[N]) {
+  constexpr int kBytes = N * static_cast<int>(sizeof(T));
+  if constexpr (kBytes % 16 == 0) {
+    uint4 raw[kBytes / 16];
+    memcpy(raw, in, kBytes);
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) __stwb(reinterpret_cast<uint4*>(p) + i, raw[i]);
+  } else if constexpr (kBytes == 8) {
+    uint2 raw;
+    memcpy(&raw, in, kBytes);
+    __stwb(reinterpret_cast<uint2*>(p), raw);
+  } else {
+    static_assert(kBytes == 4, "unsupported vector width");
+    unsigned int raw;
+    memcpy(&raw, in, kBytes);
+    __stwb(reinterpret_cast<unsigned int*>(p), raw);
+  }
+}
+
+// Loads elements [j0, j0 + N) of p; the ones at or past `limit` read as zero.
+template <typename T, int N>
+__device__ __forceinline__ void load_chunk(const T* p, int64_t j0, int64_t limit, bool vector,
+                                           T (&out)[N]) {
+  if (vector) {
+    load_vector<T, N>(p + j0, out);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = j0 + i < limit ? p[j0 + i] : T(0);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_chunk(T* p, int64_t j0, int64_t limit, bool vector,
+                                            const T (&in)[N]) {
+  if (vector) {
+    store_vector<T, N>(p + j0, in);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if (j0 + i < limit) p[j0 + i] = in[i];
+  }
+}
+
+// Index of the last entry whose `begin` is <= block, for entries sorted by begin (the
+// first entry begins at 0).
+template <typename Entry, typename Begin>
+__device__ __forceinline__ int find_segment(const Entry* entries, int count, int64_t block,
+                                            Begin begin) {
+  int lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (begin(entries[mid]) <= block) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+}  // namespace cuda
+}  // namespace lorax_merge

@@ -1,0 +1,202 @@
+// Interface between the host side of the CUDA path (merge_cuda.cpp, which speaks ATen) and
+// the kernels (*.cu, which do not): plain descriptor structs, the launch shapes both sides
+// must agree on, and the launchers.
+//
+// A batch of merges of one task dtype is described by tables:
+//   - select jobs, one per task tensor pruned by magnitude: data pointer, size, k and the
+//     first select tile (block) of the job;
+//   - merge groups, one per output tensor: output pointer, size, seed, first block and the
+//     group's slice of the task table;
+//   - merge tasks: data pointer and weight.
+// A table travels inside the kernel parameters when it fits in kInlineTableBytes (the
+// launch is then self-contained and can be captured in a CUDA graph); otherwise it is
+// uploaded to the device and the parameters carry its address.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "../common/keys.h"
+#include "../common/merge_rule.h"
+
+namespace lorax_merge {
+namespace cuda {
+
+enum class Dtype : int32_t { kFloat = 0, kHalf = 1, kBFloat16 = 2, kDouble = 3 };
+
+inline int dtype_size(Dtype d) {
+  switch (d) {
+    case Dtype::kHalf:
+    case Dtype::kBFloat16:
+      return 2;
+    case Dtype::kDouble:
+      return 8;
+    default:
+      return 4;
+  }
+}
+
+// Bytes of a table that may travel inside the kernel parameters. CUDA 12.1 raised the
+// parameter space of a launch from 4 KB to 32 KB; older toolkits get a table that leaves
+// room for the other parameters within 4 KB.
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+constexpr int kInlineTableBytes = 4096;
+#else
+constexpr int kInlineTableBytes = 3840;
+#endif
+
+// ---------------------------------------------------------------------------------------
+// Magnitude threshold selection (radix select over magnitude keys).
+
+constexpr int kSelectThreads = 512;
+constexpr int64_t kSelectTile = 32768;  // elements per block and pass
+constexpr int kSelectMaxPasses = 6;
+constexpr int kSelectMaxBins = 4096;  // widest digit: 12 bits
+
+struct SelectJob {
+  const void* data;
+  int64_t numel;
+  int64_t k;           // keep count, int(density * numel)
+  int64_t tile_begin;  // first global tile of this job
+};
+
+// Per-job progress between passes; zeroed before the first pass.
+struct SelectState {
+  uint64_t prefix;  // key bits chosen so far
+  int64_t rank;     // 1-based rank of the wanted key among keys with that prefix
+  uint32_t done;    // blocks of the current pass that have finished
+  uint32_t active;  // 1 once the first pass has run and the job needs further passes
+};
+
+struct DigitPass {
+  int32_t shift;
+  int32_t bits;
+};
+
+// Digit widths from the top: a wide first digit spreads the histogram's atomics over many
+// bins (the top bits hold the exponent, where values cluster); the last digit is narrow
+// because every block keeps its last-digit histogram for the tie cut.
+struct SelectPlan {
+  int32_t num_passes;
+  int32_t hist_bins;  // widest digit's bins: the per-job histogram stride
+  int32_t last_bins;
+  DigitPass passes[kSelectMaxPasses];
+};
+
+inline SelectPlan make_select_plan(int key_bits) {
+  SelectPlan plan{};
+  int widths[kSelectMaxPasses] = {};
+  int n = 0;
+  if (key_bits == 15) {
+    widths[n++] = 11;
+    widths[n++] = 4;
+  } else if (key_bits == 31) {
+    widths[n++] = 11;
+    widths[n++] = 12;
+    widths[n++] = 8;
+  } else {  // 63
+    for (int i = 0; i < 5; ++i) widths[n++] = 11;
+    widths[n++] = 8;
+  }
+  int shift = key_bits;
+  int widest = 0;
+  for (int i = 0; i < n; ++i) {
+    shift -= widths[i];
+    plan.passes[i] = DigitPass{shift, widths[i]};
+    widest = widths[i] > widest ? widths[i] : widest;
+  }
+  plan.num_passes = n;
+  plan.hist_bins = 1 << widest;
+  plan.last_bins = 1 << widths[n - 1];
+  return plan;
+}
+
+inline int key_bits_of(Dtype d) {
+  return d == Dtype::kDouble ? 63 : (d == Dtype::kFloat ? 31 : 15);
+}
+
+LM_HOST_DEVICE int64_t select_tiles(int64_t numel) { return numel == 0 ? 1 : (numel + kSelectTile - 1) / kSelectTile; }
+
+struct SelectLaunch {
+  Dtype dtype = Dtype::kFloat;
+  int32_t num_jobs = 0;
+  int64_t num_tiles = 0;                 // sum of select_tiles(numel) over the jobs
+  const SelectJob* jobs_device = nullptr;  // nullptr: the jobs are in jobs_inline
+  alignas(16) unsigned char jobs_inline[kInlineTableBytes];
+  void* workspace = nullptr;             // select_workspace_bytes(...) bytes on the device
+  MagnitudeThreshold* thresholds = nullptr;  // num_jobs entries on the device (output)
+};
+
+size_t select_workspace_bytes(Dtype dtype, int64_t num_jobs, int64_t num_tiles);
+
+// Zeroes the workspace and runs one launch per digit pass; leaves thresholds on the device.
+void launch_select(const SelectLaunch& launch, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------
+// Fused merge.
+
+constexpr int kMergeThreads = 256;
+
+// Elements per thread: 8, or 4 when accumulating in double (register budget).
+inline int merge_elems_per_thread(bool wide_acc) { return wide_acc ? 4 : 8; }
+inline int64_t merge_block_elems(bool wide_acc) {
+  return static_cast<int64_t>(kMergeThreads) * merge_elems_per_thread(wide_acc);
+}
+// Alignment (bytes) a pointer needs for the vector access of one thread's elements.
+inline int merge_vector_align(Dtype d, bool wide_acc) {
+  const int bytes = merge_elems_per_thread(wide_acc) * dtype_size(d);
+  return bytes >= 16 ? 16 : bytes;
+}
+
+enum MergeGroupFlags : int32_t { kVectorLoads = 1, kVectorStores = 2 };
+
+struct MergeGroup {
+  void* out;
+  int64_t numel;
+  uint64_t seed;
+  int64_t first_stream;  // task i of the group draws from stream first_stream + i
+  int64_t block_begin;   // first global block of this group
+  int32_t first_task;    // index of the group's first task in the task table
+  int32_t num_tasks;
+  int32_t out_dtype;  // Dtype
+  int32_t flags;      // MergeGroupFlags
+};
+
+struct MergeTask {
+  const void* data;
+  const double* weight_device;  // the weight as a double on the device, or nullptr
+  double weight;                // the weight when weight_device is nullptr
+};
+
+struct MergeLaunch {
+  Dtype task_dtype = Dtype::kFloat;
+  bool wide_acc = false;  // accumulate in double
+  SignElection election = SignElection::kNone;
+  Pruning pruning = Pruning::kNone;  // kNone when nothing is pruned
+  int32_t rescale = 0;
+  double density = 1.0;
+  uint64_t keep_bound = 0;  // random pruning: keep iff word < keep_bound
+  const MagnitudeThreshold* thresholds = nullptr;  // per task, magnitude pruning
+  int32_t num_groups = 0;
+  int64_t num_blocks = 0;
+  const unsigned char* table_device = nullptr;  // nullptr: the table is in table_inline
+  int64_t groups_offset = 0;  // byte offsets of the group and task arrays in the table
+  int64_t tasks_offset = 0;
+  alignas(16) unsigned char table_inline[kInlineTableBytes];
+};
+
+void launch_merge(const MergeLaunch& launch, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------
+// Stacked primitives on an [rows, positions] contiguous tensor.
+
+void launch_sign_mask(Dtype dtype, SignElection election, const void* stacked, bool* mask,
+                      int64_t rows, int64_t positions, cudaStream_t stream);
+// out has the accumulate dtype (float, double for double input).
+void launch_disjoint_merge(Dtype dtype, const void* stacked, const bool* mask, void* out,
+                           int64_t rows, int64_t positions, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace lorax_merge

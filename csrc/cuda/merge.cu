@@ -1,0 +1,221 @@
+// The fused merge kernel: one pass that reads every task tensor once, prunes (magnitude
+// threshold or random mask), elects signs, weights and merges in registers, and writes the
+// output once.
+//
+// Blocks map to (group, tile) through the group table (multi-tensor-apply style): a
+// batch of merges of one task dtype is one launch. Each thread owns kElems consecutive
+// elements, loaded with 16-byte (or narrower, aligned) vector accesses when every task
+// pointer of the group allows it, element by element otherwise. Several tasks' chunks are
+// loaded before the first is used, so a thread keeps several loads in flight.
+#include <c10/cuda/CUDAException.h>
+
+#include "../common/counter_rng.h"
+#include "device_utils.cuh"
+
+namespace lorax_merge {
+namespace cuda {
+namespace {
+
+struct MergeParams {
+  const unsigned char* table_device;
+  int64_t groups_offset;
+  int64_t tasks_offset;
+  const MagnitudeThreshold* thresholds;
+  double density;
+  uint64_t keep_bound;
+  int32_t num_groups;
+  int32_t pruning;
+  int32_t rescale;
+  alignas(16) unsigned char table_inline[kInlineTableBytes];
+};
+
+template <typename scalar_t, typename acc_t>
+struct MergeShape {
+  static constexpr int kElems = sizeof(acc_t) == 8 ? 4 : 8;
+  // Task chunks loaded before the first is used: 64 bytes of loads in flight per thread
+  // when accumulating in float; fewer with double accumulators (register budget).
+  static constexpr int kChunkBytes = kElems * static_cast<int>(sizeof(scalar_t));
+  static constexpr int kAheadBytes = sizeof(acc_t) == 8 ? 16 : 64;
+  static constexpr int kAhead = kAheadBytes / kChunkBytes > 1 ? kAheadBytes / kChunkBytes : 1;
+  static_assert(kElems % 4 == 0, "a thread's elements cover whole groups of four random words");
+};
+
+// A task's magnitude threshold restricted to one thread's elements j0 .. j0 + n - 1, in the
+// key's own width: keeps(key, i) == threshold.keeps(key, j0 + i).
+template <typename scalar_t>
+struct ThreadThreshold {
+  using key_t = typename KeyTraits<scalar_t>::key_t;
+  key_t key;
+  int32_t cut;  // elements i < cut may be kept on a key tie
+  bool none;    // the threshold key is above every key: nothing is kept
+
+  __device__ __forceinline__ ThreadThreshold(const MagnitudeThreshold& t, int64_t j0, int n) {
+    none = t.key > static_cast<uint64_t>(static_cast<key_t>(~key_t(0)));
+    key = static_cast<key_t>(t.key);
+    const int64_t rel = t.cut - j0;
+    cut = rel <= 0 ? 0 : (rel >= n ? n : static_cast<int32_t>(rel));
+  }
+  __device__ __forceinline__ bool keeps(key_t k, int i) const {
+    return !none && (k > key || (k == key && i < cut));
+  }
+};
+
+template <typename out_t, typename acc_t, int N>
+__device__ __forceinline__ void store_result(void* out, int64_t j0, int64_t limit, bool vector,
+                                             const acc_t (&r)[N]) {
+  out_t v[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = static_cast<out_t>(r[i]);
+  store_chunk<out_t, N>(static_cast<out_t*>(out), j0, limit, vector, v);
+}
+
+template <typename scalar_t, typename acc_t, SignElection E>
+__global__ void __launch_bounds__(kMergeThreads, 2)
+    fused_merge_kernel(const __grid_constant__ MergeParams p) {
+  using Shape = MergeShape<scalar_t, acc_t>;
+  constexpr int kElems = Shape::kElems;
+  constexpr int kAhead = Shape::kAhead;
+  using Accumulator = MergeAccumulator<acc_t, E>;
+
+  const unsigned char* table = p.table_device != nullptr ? p.table_device : p.table_inline;
+  const MergeGroup* groups = reinterpret_cast<const MergeGroup*>(table + p.groups_offset);
+  const MergeTask* tasks = reinterpret_cast<const MergeTask*>(table + p.tasks_offset);
+  const int64_t block = blockIdx.x;
+  const int g = find_segment(groups, p.num_groups, block,
+                             [](const MergeGroup& group) { return group.block_begin; });
+  const MergeGroup group = groups[g];
+  const int64_t j0 =
+      (block - group.block_begin) * (kMergeThreads * kElems) + static_cast<int64_t>(threadIdx.x) * kElems;
+  if (j0 >= group.numel) return;
+  const bool full = j0 + kElems <= group.numel;
+  const bool vector_loads = full && (group.flags & kVectorLoads) != 0;
+  const bool vector_stores = full && (group.flags & kVectorStores) != 0;
+
+  const Pruning pruning = static_cast<Pruning>(p.pruning);
+  const bool rescale = p.rescale != 0;
+  const acc_t density = static_cast<acc_t>(static_cast<typename OpMath<scalar_t>::type>(p.density));
+
+  Accumulator acc[kElems];
+  for (int t0 = 0; t0 < group.num_tasks; t0 += kAhead) {
+    scalar_t raw[kAhead][kElems];
+    acc_t weight[kAhead];
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      if (t0 + u < group.num_tasks) {
+        const MergeTask task = tasks[group.first_task + t0 + u];
+        load_chunk<scalar_t, kElems>(static_cast<const scalar_t*>(task.data), j0, group.numel,
+                                     vector_loads, raw[u]);
+        weight[u] = static_cast<acc_t>(task.weight_device != nullptr ? *task.weight_device : task.weight);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) {
+      const int t = t0 + u;
+      if (t >= group.num_tasks) break;
+      const acc_t w = weight[u];
+      if (pruning == Pruning::kNone) {
+#pragma unroll
+        for (int i = 0; i < kElems; ++i) acc[i].add(static_cast<acc_t>(raw[u][i]), w);
+      } else if (pruning == Pruning::kMagnitude) {
+        // Magnitude pruning never rescales.
+        const ThreadThreshold<scalar_t> threshold(p.thresholds[group.first_task + t], j0, kElems);
+#pragma unroll
+        for (int i = 0; i < kElems; ++i) {
+          const bool kept = threshold.keeps(magnitude_key(raw[u][i]), i);
+          acc[i].add(pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][i]), kept, false, density), w);
+        }
+      } else {
+        // One 64-bit draw gives the words of two consecutive elements; j0 is even.
+        const uint64_t key = dare_stream_key(group.seed, static_cast<uint64_t>(group.first_stream + t));
+        const uint32_t bound = static_cast<uint32_t>(p.keep_bound);
+#pragma unroll
+        for (int q = 0; q < kElems / 2; ++q) {
+          const uint64_t bits = dare_pair_bits(key, static_cast<uint64_t>(j0 / 2 + q));
+          const bool kept_lo = static_cast<uint32_t>(bits) < bound;
+          const bool kept_hi = static_cast<uint32_t>(bits >> 32) < bound;
+          acc[2 * q].add(pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][2 * q]), kept_lo, rescale, density), w);
+          acc[2 * q + 1].add(
+              pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][2 * q + 1]), kept_hi, rescale, density), w);
+        }
+      }
+    }
+  }
+
+  acc_t result[kElems];
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) result[i] = acc[i].result();
+  switch (static_cast<Dtype>(group.out_dtype)) {
+    case Dtype::kFloat:
+      store_result<float>(group.out, j0, group.numel, vector_stores, result);
+      break;
+    case Dtype::kHalf:
+      store_result<c10::Half>(group.out, j0, group.numel, vector_stores, result);
+      break;
+    case Dtype::kBFloat16:
+      store_result<c10::BFloat16>(group.out, j0, group.numel, vector_stores, result);
+      break;
+    case Dtype::kDouble:
+      store_result<double>(group.out, j0, group.numel, vector_stores, result);
+      break;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_typed(const MergeLaunch& launch, const MergeParams& params, cudaStream_t stream) {
+  const unsigned int blocks = static_cast<unsigned int>(launch.num_blocks);
+  switch (launch.election) {
+    case SignElection::kTotal:
+      fused_merge_kernel<scalar_t, acc_t, SignElection::kTotal><<<blocks, kMergeThreads, 0, stream>>>(params);
+      break;
+    case SignElection::kFrequency:
+      fused_merge_kernel<scalar_t, acc_t, SignElection::kFrequency><<<blocks, kMergeThreads, 0, stream>>>(params);
+      break;
+    default:
+      fused_merge_kernel<scalar_t, acc_t, SignElection::kNone><<<blocks, kMergeThreads, 0, stream>>>(params);
+      break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_acc(const MergeLaunch& launch, const MergeParams& params, cudaStream_t stream) {
+  if (launch.wide_acc) {
+    launch_typed<scalar_t, double>(launch, params, stream);
+  } else {
+    launch_typed<scalar_t, float>(launch, params, stream);
+  }
+}
+
+}  // namespace
+
+void launch_merge(const MergeLaunch& launch, cudaStream_t stream) {
+  if (launch.num_blocks == 0) return;
+  MergeParams params;
+  params.table_device = launch.table_device;
+  params.groups_offset = launch.groups_offset;
+  params.tasks_offset = launch.tasks_offset;
+  params.thresholds = launch.thresholds;
+  params.density = launch.density;
+  params.keep_bound = launch.keep_bound;
+  params.num_groups = launch.num_groups;
+  params.pruning = static_cast<int32_t>(launch.pruning);
+  params.rescale = launch.rescale;
+  memcpy(params.table_inline, launch.table_inline, sizeof(params.table_inline));
+  switch (launch.task_dtype) {
+    case Dtype::kFloat:
+      launch_acc<float>(launch, params, stream);
+      break;
+    case Dtype::kHalf:
+      launch_acc<c10::Half>(launch, params, stream);
+      break;
+    case Dtype::kBFloat16:
+      launch_acc<c10::BFloat16>(launch, params, stream);
+      break;
+    case Dtype::kDouble:
+      launch_typed<double, double>(launch, params, stream);
+      break;
+  }
+}
+
+}  // namespace cuda
+}  // namespace lorax_merge

@@ -1,0 +1,363 @@
+// Host side of the CUDA kernels: turns validated merge requests into descriptor tables and
+// launches the selection and fused-merge kernels on the current stream of the tasks'
+// device. Nothing here waits for the device or reads device memory: weights given on the
+// CPU travel as kernel arguments, weights on the GPU are converted to double on the GPU
+// and read by the kernel, thresholds are produced and consumed on the device.
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../common/counter_rng.h"
+#include "../register_ops.h"
+#include "launch.h"
+
+namespace lorax_merge {
+namespace cuda {
+namespace {
+
+Dtype dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return Dtype::kFloat;
+    case at::kHalf:
+      return Dtype::kHalf;
+    case at::kBFloat16:
+      return Dtype::kBFloat16;
+    case at::kDouble:
+      return Dtype::kDouble;
+    default:
+      TORCH_CHECK_TYPE(false, "lorax_merge: unsupported dtype ", t);
+  }
+}
+
+bool aligned_to(const void* p, int alignment) {
+  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(alignment) == 0;
+}
+
+// Concatenation of arrays of descriptor structs, each starting on a 16-byte boundary.
+class TableBuilder {
+ public:
+  template <typename T>
+  int64_t append(const std::vector<T>& items) {
+    const size_t offset = (bytes_.size() + 15) / 16 * 16;
+    bytes_.resize(offset + items.size() * sizeof(T));
+    if (!items.empty()) std::memcpy(bytes_.data() + offset, items.data(), items.size() * sizeof(T));
+    return static_cast<int64_t>(offset);
+  }
+  const std::vector<unsigned char>& bytes() const { return bytes_; }
+
+ private:
+  std::vector<unsigned char> bytes_;
+};
+
+// Puts a table where the kernel reads it: inside the kernel parameters when it fits
+// (returns nullptr), else in device memory filled by an asynchronous copy from pinned host
+// memory (returns its address; `keep` holds the buffer until the launches are enqueued).
+// The second way cannot be captured in a CUDA graph: the copy would replay from a host
+// buffer that no longer holds the table.
+const unsigned char* place_table(const std::vector<unsigned char>& bytes, unsigned char* inline_dst,
+                                 const at::Device& device, cudaStream_t stream,
+                                 std::vector<at::Tensor>& keep) {
+  if (bytes.size() <= static_cast<size_t>(kInlineTableBytes)) {
+    if (!bytes.empty()) std::memcpy(inline_dst, bytes.data(), bytes.size());
+    return nullptr;
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  TORCH_CHECK_VALUE(capture == cudaStreamCaptureStatusNone,
+                    "lorax_merge: this batch needs a ", bytes.size(),
+                    "-byte descriptor table, more than the ", kInlineTableBytes,
+                    " bytes that travel with a kernel launch, so it cannot be captured in a CUDA "
+                    "graph; capture smaller batches (fewer tensors) instead");
+  const int64_t n = static_cast<int64_t>(bytes.size());
+  at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
+  at::Tensor dev = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(device));
+  dev.copy_(host, /*non_blocking=*/true);
+  keep.push_back(host);
+  keep.push_back(dev);
+  return static_cast<const unsigned char*>(dev.const_data_ptr());
+}
+
+std::string group_name(size_t g, size_t count) {
+  return count == 1 ? std::string("tasks") : "groups[" + std::to_string(g) + "]";
+}
+
+// Every tensor of the batch must live on one CUDA device.
+at::Device batch_device(const std::vector<const MergeRequest*>& requests) {
+  const at::Device device = requests[0]->tasks[0].device();
+  for (size_t g = 0; g < requests.size(); ++g) {
+    const MergeRequest& r = *requests[g];
+    for (size_t i = 0; i < r.tasks.size(); ++i) {
+      TORCH_CHECK_VALUE(r.tasks[i].device() == device, "lorax_merge: ", group_name(g, requests.size()),
+                        "[", i, "] is on ", r.tasks[i].device(), " but ",
+                        group_name(0, requests.size()), "[0] is on ", device);
+    }
+    TORCH_CHECK_VALUE(r.out.device() == device, "lorax_merge: out is on ", r.out.device(),
+                      " but the task tensors are on ", device);
+    TORCH_CHECK_VALUE(r.weights.device().is_cpu() || r.weights.device() == device,
+                      "lorax_merge: weights is on ", r.weights.device(), " but the task tensors are on ",
+                      device);
+  }
+  return device;
+}
+
+// Weights that live on the GPU, as one double tensor on the GPU (converted there, no sync),
+// and each request's offset into it (-1 for weights on the CPU).
+struct DeviceWeights {
+  at::Tensor values;
+  std::vector<int64_t> offsets;
+};
+
+// True when the weights of requests[first..] lie back to back in one strided-1 storage
+// (merge_many slices one weights tensor per group), so one conversion covers them all.
+bool weights_back_to_back(const std::vector<const MergeRequest*>& requests) {
+  const at::Tensor& w0 = requests[0]->weights;
+  const char* next = static_cast<const char*>(w0.const_data_ptr());
+  for (const MergeRequest* r : requests) {
+    const at::Tensor& w = r->weights;
+    if (w.device() != w0.device() || w.scalar_type() != w0.scalar_type() ||
+        !w.storage().is_alias_of(w0.storage()) || (w.numel() > 1 && w.stride(0) != 1) ||
+        static_cast<const char*>(w.const_data_ptr()) != next) {
+      return false;
+    }
+    next += w.numel() * w.element_size();
+  }
+  return true;
+}
+
+DeviceWeights gather_device_weights(const std::vector<const MergeRequest*>& requests) {
+  DeviceWeights dw;
+  dw.offsets.assign(requests.size(), -1);
+  std::vector<at::Tensor> parts;
+  int64_t offset = 0;
+  for (size_t g = 0; g < requests.size(); ++g) {
+    const at::Tensor& w = requests[g]->weights;
+    if (w.device().is_cpu()) continue;
+    dw.offsets[g] = offset;
+    offset += w.numel();
+    parts.push_back(w);
+  }
+  if (parts.empty()) return dw;
+  if (parts.size() == requests.size() && weights_back_to_back(requests)) {
+    // One view over all groups' weights: a single conversion kernel.
+    const at::Tensor& w0 = requests[0]->weights;
+    dw.values = w0.as_strided({offset}, {1}).to(at::kDouble).contiguous();
+  } else if (parts.size() == 1) {
+    dw.values = parts[0].to(at::kDouble).contiguous();
+  } else {
+    dw.values = at::cat(parts).to(at::kDouble);
+  }
+  return dw;
+}
+
+// The weights of a CPU tensor as doubles, read in place for the usual dtypes (a batch has
+// one small weights view per group; no temporary tensors).
+std::vector<double> read_host_weights(const at::Tensor& w) {
+  const int64_t n = w.numel();
+  const int64_t stride = n > 1 ? w.stride(0) : 1;
+  std::vector<double> out(static_cast<size_t>(n));
+  auto read = [&](auto* p) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(p[i * stride]);
+  };
+  switch (w.scalar_type()) {
+    case at::kDouble:
+      read(w.const_data_ptr<double>());
+      return out;
+    case at::kFloat:
+      read(w.const_data_ptr<float>());
+      return out;
+    case at::kHalf:
+      read(w.const_data_ptr<at::Half>());
+      return out;
+    case at::kBFloat16:
+      read(w.const_data_ptr<at::BFloat16>());
+      return out;
+    default:
+      return host_weights(w);
+  }
+}
+
+// Requests that share one kernel instantiation and one set of strategy parameters.
+using BucketKey = std::tuple<int, bool, int, int, double, bool>;
+
+void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vector<size_t>& members,
+                const DeviceWeights& dw, const at::Device& device, cudaStream_t stream) {
+  const MergeRequest& first = *requests[members[0]];
+  const at::ScalarType task_type = first.tasks[0].scalar_type();
+  const Dtype task_dtype = dtype_of(task_type);
+  const bool wide = accumulate_type(task_type, first.out.scalar_type()) == at::kDouble;
+  const Pruning pruning = first.prunes() ? first.pruning : Pruning::kNone;
+  const int64_t block_elems = merge_block_elems(wide);
+  const int load_align = merge_vector_align(task_dtype, wide);
+  const double* device_weights =
+      dw.values.defined() ? static_cast<const double*>(dw.values.const_data_ptr()) : nullptr;
+
+  std::vector<MergeGroup> groups;
+  std::vector<MergeTask> tasks;
+  std::vector<SelectJob> jobs;
+  int64_t blocks = 0;
+  int64_t tiles = 0;
+  for (size_t member : members) {
+    const MergeRequest& r = *requests[member];
+    const int64_t numel = r.numel();
+    if (numel == 0) continue;
+    MergeGroup group{};
+    group.out = r.out.data_ptr();
+    group.numel = numel;
+    group.seed = static_cast<uint64_t>(r.seed);
+    group.first_stream = r.first_stream;
+    group.block_begin = blocks;
+    group.first_task = static_cast<int32_t>(tasks.size());
+    group.num_tasks = static_cast<int32_t>(r.tasks.size());
+    const Dtype out_dtype = dtype_of(r.out.scalar_type());
+    group.out_dtype = static_cast<int32_t>(out_dtype);
+    bool loads_aligned = true;
+    for (const at::Tensor& t : r.tasks) loads_aligned = loads_aligned && aligned_to(t.const_data_ptr(), load_align);
+    group.flags = (loads_aligned ? kVectorLoads : 0) |
+                  (aligned_to(group.out, merge_vector_align(out_dtype, wide)) ? kVectorStores : 0);
+    blocks += (numel + block_elems - 1) / block_elems;
+    const std::vector<double> host =
+        r.weights.device().is_cpu() ? read_host_weights(r.weights) : std::vector<double>();
+    const int64_t k = magnitude_keep_count(r.density, numel);
+    for (size_t i = 0; i < r.tasks.size(); ++i) {
+      MergeTask task{};
+      task.data = r.tasks[i].const_data_ptr();
+      if (host.empty()) {
+        task.weight_device = device_weights + dw.offsets[member] + static_cast<int64_t>(i);
+      } else {
+        task.weight = host[i];
+      }
+      tasks.push_back(task);
+      if (pruning == Pruning::kMagnitude) {
+        jobs.push_back(SelectJob{task.data, numel, k, tiles});
+        tiles += select_tiles(numel);
+      }
+    }
+    groups.push_back(group);
+  }
+  if (groups.empty()) return;
+  constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(blocks <= kMaxGrid && tiles <= kMaxGrid,
+                    "lorax_merge: the batch is too large for one launch (", blocks, " blocks)");
+  TORCH_CHECK_VALUE(tasks.size() <= static_cast<size_t>(kMaxGrid), "lorax_merge: too many tensors");
+
+  // Place both tables before launching anything, so a batch that cannot run (a table too
+  // large for a graph capture) fails before any work is enqueued.
+  std::vector<at::Tensor> keep;
+  SelectLaunch select;
+  MergeLaunch merge;
+  if (!jobs.empty()) {
+    TableBuilder table;
+    table.append(jobs);
+    select.jobs_device = reinterpret_cast<const SelectJob*>(
+        place_table(table.bytes(), select.jobs_inline, device, stream, keep));
+  }
+  {
+    TableBuilder table;
+    merge.groups_offset = table.append(groups);
+    merge.tasks_offset = table.append(tasks);
+    merge.table_device = place_table(table.bytes(), merge.table_inline, device, stream, keep);
+  }
+
+  MagnitudeThreshold* thresholds = nullptr;
+  if (!jobs.empty()) {
+    const int64_t threshold_bytes = static_cast<int64_t>(jobs.size() * sizeof(MagnitudeThreshold));
+    const int64_t threshold_space = (threshold_bytes + 255) / 256 * 256;
+    const int64_t ws_bytes = static_cast<int64_t>(
+        select_workspace_bytes(task_dtype, static_cast<int64_t>(jobs.size()), tiles));
+    at::Tensor ws = at::empty({threshold_space + ws_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+    keep.push_back(ws);
+    unsigned char* base = static_cast<unsigned char*>(ws.data_ptr());
+    thresholds = reinterpret_cast<MagnitudeThreshold*>(base);
+    select.dtype = task_dtype;
+    select.num_jobs = static_cast<int32_t>(jobs.size());
+    select.num_tiles = tiles;
+    select.workspace = base + threshold_space;
+    select.thresholds = thresholds;
+    launch_select(select, stream);
+  }
+
+  merge.task_dtype = task_dtype;
+  merge.wide_acc = wide;
+  merge.election = first.election;
+  merge.pruning = pruning;
+  merge.rescale = first.rescale ? 1 : 0;
+  merge.density = first.density;
+  merge.keep_bound = dare_keep_bound(first.density);
+  merge.thresholds = thresholds;
+  merge.num_groups = static_cast<int32_t>(groups.size());
+  merge.num_blocks = blocks;
+  launch_merge(merge, stream);
+}
+
+void run_batch(const std::vector<const MergeRequest*>& requests) {
+  if (requests.empty()) return;
+  const at::Device device = batch_device(requests);
+  TORCH_CHECK_VALUE(device.is_cuda(), "lorax_merge: expected CUDA tensors, got ", device);
+  c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const DeviceWeights dw = gather_device_weights(requests);
+
+  std::map<BucketKey, std::vector<size_t>> buckets;
+  for (size_t g = 0; g < requests.size(); ++g) {
+    const MergeRequest& r = *requests[g];
+    const at::ScalarType task_type = r.tasks[0].scalar_type();
+    const bool wide = accumulate_type(task_type, r.out.scalar_type()) == at::kDouble;
+    const Pruning pruning = r.prunes() ? r.pruning : Pruning::kNone;
+    buckets[BucketKey{static_cast<int>(task_type), wide, static_cast<int>(pruning),
+                      static_cast<int>(r.election), r.density, r.rescale}]
+        .push_back(g);
+  }
+  for (const auto& entry : buckets) run_bucket(requests, entry.second, dw, device, stream);
+}
+
+int64_t stacked_rows(const at::Tensor& stacked) { return stacked.dim() == 0 ? 1 : stacked.size(0); }
+
+}  // namespace
+
+struct CudaKernels {
+  static void fused_merge(const MergeRequest& request) { run_batch({&request}); }
+
+  static void fused_merge_many(const std::vector<MergeRequest>& requests) {
+    std::vector<const MergeRequest*> ptrs;
+    ptrs.reserve(requests.size());
+    for (const MergeRequest& r : requests) ptrs.push_back(&r);
+    run_batch(ptrs);
+  }
+
+  static void majority_sign_mask(const at::Tensor& stacked, SignElection election, at::Tensor& mask) {
+    if (stacked.numel() == 0) return;
+    TORCH_CHECK_VALUE(mask.device() == stacked.device(), "lorax_merge: mask is on ", mask.device(),
+                      " but tensor is on ", stacked.device());
+    c10::cuda::CUDAGuard guard(stacked.device());
+    const int64_t rows = stacked_rows(stacked);
+    launch_sign_mask(dtype_of(stacked.scalar_type()), election, stacked.const_data_ptr(),
+                     mask.data_ptr<bool>(), rows, stacked.numel() / rows,
+                     c10::cuda::getCurrentCUDAStream(stacked.device().index()).stream());
+  }
+
+  static void disjoint_merge(const at::Tensor& stacked, const at::Tensor& mask, at::Tensor& out) {
+    if (out.numel() == 0) return;
+    c10::cuda::CUDAGuard guard(stacked.device());
+    launch_disjoint_merge(dtype_of(stacked.scalar_type()), stacked.const_data_ptr(),
+                          mask.const_data_ptr<bool>(), out.data_ptr(), stacked_rows(stacked),
+                          out.numel(), c10::cuda::getCurrentCUDAStream(stacked.device().index()).stream());
+  }
+};
+
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(lorax_merge, CUDA, m) { register_device_ops<cuda::CudaKernels>(m); }
+
+}  // namespace lorax_merge
