@@ -147,7 +147,9 @@ def merge_many(
         raise TypeError(
             f"groups must be a sequence of sequences of tensors, got {type(groups).__name__}"
         )
-    groups = [check_task_tensors(g, f"groups[{i}]") for i, g in enumerate(groups)]
+    # Per-group dtype, shape and device checks run in the op (host metadata only); here
+    # only what the op cannot see: the structure of the arguments.
+    groups = [_group_tensors(g, i) for i, g in enumerate(groups)]
     if not groups:
         return []
     plan, density, election = _resolve(strategy, density, majority_sign_method)
@@ -157,8 +159,16 @@ def merge_many(
         if g[0].device != device:
             raise ValueError(f"groups[{i}] is on {g[0].device} but groups[0] is on {device}")
 
-    if is_weight_vector(weights):
-        group_weights = [as_weight_tensor(weights, len(g), device) for g in groups]
+    shared = is_weight_vector(weights)
+    if shared:
+        w = as_weight_tensor(weights, len(groups[0]), device)
+        for i, g in enumerate(groups):
+            if len(g) != w.numel():
+                raise ValueError(
+                    f"weights has {w.numel()} entries but groups[{i}] has {len(g)} tensors; "
+                    "give one weights vector per group"
+                )
+        group_weights = [w] * len(groups)
     else:
         if not isinstance(weights, Sequence) or len(weights) != len(groups):
             raise ValueError(
@@ -169,16 +179,19 @@ def merge_many(
             for i, (w, g) in enumerate(zip(weights, groups))
         ]
 
+    uses_seed = plan.pruning == "random" and density < 1
     if seed is None or not isinstance(seed, Sequence):
         base = check_seed(seed)
-        base = draw_seed() if base is None else base
-        seeds = [derive_seed(base, i) for i in range(len(groups))]
+        if uses_seed:
+            base = draw_seed() if base is None else base
+            seeds = [_op_seed(derive_seed(base, i)) for i in range(len(groups))]
+        else:
+            seeds = [0] * len(groups)
     else:
         if len(seed) != len(groups):
             raise ValueError(f"seed has {len(seed)} entries but there are {len(groups)} groups")
-        seeds = [check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
-    uses_seed = plan.pruning == "random" and density < 1
-    seeds = [_op_seed(s) if uses_seed else 0 for s in seeds]
+        checked = [check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
+        seeds = [_op_seed(s) if uses_seed else 0 for s in checked]
 
     # One op call per result dtype (usually one).
     dtypes = [result_dtype(g[0], w, None, requested) for g, w in zip(groups, group_weights)]
@@ -186,11 +199,14 @@ def merge_many(
     for dtype in dict.fromkeys(dtypes):
         members = [i for i, d in enumerate(dtypes) if d == dtype]
         flat = [t for i in members for t in groups[i]]
-        on_device = any(group_weights[i].device != torch.device("cpu") for i in members)
-        w_device = device if on_device else torch.device("cpu")
-        flat_weights = torch.cat(
-            [group_weights[i].to(device=w_device, dtype=torch.float64) for i in members]
-        )
+        if shared:
+            flat_weights = group_weights[0].to(torch.float64).repeat(len(members))
+        else:
+            on_device = any(group_weights[i].device.type != "cpu" for i in members)
+            w_device = device if on_device else torch.device("cpu")
+            flat_weights = torch.cat(
+                [group_weights[i].to(device=w_device, dtype=torch.float64) for i in members]
+            )
         outs = _ops.ops.merge_many(
             flat,
             [len(groups[i]) for i in members],
@@ -205,6 +221,20 @@ def merge_many(
         for i, o in zip(members, outs):
             results[i] = o
     return results  # type: ignore[return-value]
+
+
+def _group_tensors(group: object, index: int) -> list[torch.Tensor]:
+    if isinstance(group, torch.Tensor) or not isinstance(group, Sequence):
+        raise TypeError(
+            f"groups[{index}] must be a sequence of tensors, got {type(group).__name__}"
+        )
+    tensors = list(group)
+    if not tensors:
+        raise ValueError(f"groups[{index}] is empty; at least one tensor is needed")
+    for j, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"groups[{index}][{j}] must be a torch.Tensor, got {type(t).__name__}")
+    return tensors
 
 
 def build_info() -> dict[str, object]:
