@@ -229,7 +229,7 @@ def peft_scaling(config: Any, name: str = "adapter") -> float:
     """
     r = _rank(config, name)
     alpha = _get(config, "lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not _finite(alpha):
         raise ValueError(f"adapter {name!r}: 'lora_alpha' must be a finite number, got {alpha!r}")
     rslora = _get(config, "use_rslora", False)
     if rslora is None:
@@ -242,7 +242,19 @@ def peft_scaling(config: Any, name: str = "adapter") -> float:
             raise ValueError(
                 f"adapter {name!r}: a non-empty '{key}' is not supported with PEFT weighting"
             )
-    return alpha / math.sqrt(r) if rslora else alpha / r
+    try:
+        scaling = float(alpha) / (math.sqrt(r) if rslora else float(r))
+    except OverflowError:
+        raise ValueError(f"adapter {name!r}: 'r' = {r} is too large") from None
+    return scaling
+
+
+def _finite(value: int | float) -> bool:
+    """Whether a JSON number is a finite float (huge ints are not)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def peft_factor_weights(weight: float, scaling: float) -> tuple[float, float]:

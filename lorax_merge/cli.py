@@ -287,6 +287,22 @@ def _check_input_dir(arg: str) -> Path:
     return Path(os.path.abspath(path))
 
 
+def _out_of_range(value: Any) -> bool:
+    """A JSON number no field can use: a float literal beyond the float range (parsed as
+    inf), or an integer beyond 64 bits; looked for inside lists and objects too."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, int):
+        return not -(2**63) <= value < 2**63
+    if isinstance(value, list):
+        return any(_out_of_range(v) for v in value)
+    if isinstance(value, dict):
+        return any(_out_of_range(v) for v in value.values())
+    return False
+
+
 def _parse_config(raw: bytes, shown: str) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
@@ -294,7 +310,9 @@ def _parse_config(raw: bytes, shown: str) -> dict[str, Any]:
         raise CliError(f"{shown}: not UTF-8 text") from None
     try:
         config = json.loads(
-            text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
+            text,
+            object_pairs_hook=_reject_duplicate_keys,
+            parse_constant=_reject_constant,
         )
     except json.JSONDecodeError as exc:
         raise CliError(
@@ -306,6 +324,9 @@ def _parse_config(raw: bytes, shown: str) -> dict[str, Any]:
         raise CliError(f"{shown}: malformed JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise CliError(f"{shown}: expected a JSON object, got a JSON {type(config).__name__}")
+    for key, value in config.items():
+        if _out_of_range(value):
+            raise CliError(f"{shown}: {key!r} holds a number out of range")
     peft_type = config.get("peft_type")
     if peft_type is not None and peft_type != "LORA":
         raise CliError(

@@ -19,8 +19,12 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kTile = 256;               // even: tiles start on a pair of random words
-constexpr int64_t kTilesPerTask = 128;       // at::parallel_for grain: 32K elements
+constexpr int64_t kTilesPerTask = 128;       // at::parallel_for grain of the stacked ops
 constexpr int64_t kSerialSelectBelow = 1 << 18;
+// Least work (task elements read) worth handing to another thread: below it, waking and
+// waiting for a second thread costs more than it saves, and a busy server has other
+// requests for the other cores.
+constexpr int64_t kMinParallelWork = 1 << 18;
 
 // One merge with everything resolved on the host, ready for the tile loop.
 struct PreparedMerge {
@@ -211,7 +215,11 @@ void select_thresholds(std::vector<PreparedMerge>& merges) {
     });
   };
   for (const SelectJob& job : large) run(job, true);
-  at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t begin, int64_t end) {
+  int64_t small_work = 0;
+  for (const SelectJob& job : small) small_work += job.merge->numel;
+  const int64_t jobs = static_cast<int64_t>(small.size());
+  const int64_t job_grain = jobs == 0 ? 1 : std::max<int64_t>(1, kMinParallelWork * jobs / std::max<int64_t>(small_work, 1));
+  at::parallel_for(0, jobs, job_grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) run(small[i], false);
   });
 }
@@ -222,7 +230,11 @@ void run_prepared(std::vector<PreparedMerge>& merges) {
   for (size_t i = 0; i < merges.size(); ++i) {
     tile_offsets[i + 1] = tile_offsets[i] + merges[i].num_tiles();
   }
-  at::parallel_for(0, tile_offsets.back(), kTilesPerTask, [&](int64_t begin, int64_t end) {
+  int64_t work = 0;  // task elements read by the whole batch
+  for (const PreparedMerge& m : merges) work += m.numel * static_cast<int64_t>(m.tasks.size());
+  const int64_t tiles = tile_offsets.back();
+  const int64_t grain = std::max<int64_t>(1, kMinParallelWork * tiles / std::max<int64_t>(work, 1));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     size_t i = static_cast<size_t>(
         std::upper_bound(tile_offsets.begin(), tile_offsets.end(), begin) - tile_offsets.begin() - 1);
     for (int64_t tile = begin; tile < end; ++i) {
