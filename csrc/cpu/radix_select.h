@@ -128,7 +128,10 @@ inline int64_t candidate_budget(int64_t n) { return std::max<int64_t>(n / 8, 163
 // (1-based, from the top) is the threshold's rank among them and their keys agree on
 // all bits at or above `shift`.
 inline MagnitudeThreshold threshold_from_candidates(Candidate* first, Candidate* last,
-                                                    int64_t rank, int shift, int64_t n) {
+                                                    int64_t rank, int shift, int64_t n,
+                                                    uint64_t base = 0) {
+  // Digits of (key - base): with a bracket's lower end as the base, only the bits that
+  // vary inside the bracket are resolved.
   constexpr int kDigitBits = 11;
   std::vector<int64_t> counts;
   while (shift > 0) {
@@ -136,13 +139,15 @@ inline MagnitudeThreshold threshold_from_candidates(Candidate* first, Candidate*
     shift -= bits;
     const int64_t bins = int64_t(1) << bits;
     counts.assign(static_cast<size_t>(bins), 0);
-    for (const Candidate* c = first; c != last; ++c) ++counts[(c->key >> shift) & (bins - 1)];
+    for (const Candidate* c = first; c != last; ++c) {
+      ++counts[((c->key - base) >> shift) & (bins - 1)];
+    }
     const DigitPick pick = pick_digit_from_top(counts.data(), bins, rank);
     rank = pick.rank_in_digit;
     const uint64_t digit = static_cast<uint64_t>(pick.digit);
     // Keep only the chosen bucket; the order, and so index order, is preserved.
     last = std::remove_if(first, last, [&](const Candidate& c) {
-      return ((c.key >> shift) & (bins - 1)) != digit;
+      return (((c.key - base) >> shift) & (bins - 1)) != digit;
     });
   }
   // Every candidate left has the threshold key, in index order.
@@ -181,7 +186,7 @@ template <typename scalar_t>
 bool select_in_sampled_bracket(const scalar_t* x, int64_t n, int64_t k, const Chunking& chunks,
                                MagnitudeThreshold* result) {
   using key_t = typename KeyTraits<scalar_t>::key_t;
-  const int64_t samples = std::clamp<int64_t>(n / 64, 1024, 16384);
+  const int64_t samples = std::clamp<int64_t>(n / 256, 1024, 65536);
   if (n < 16 * samples) return false;
   std::vector<key_t> sample(static_cast<size_t>(samples));
   for (int64_t j = 0; j < samples; ++j) sample[j] = magnitude_key(x[(j * n) / samples]);
@@ -222,8 +227,11 @@ bool select_in_sampled_bracket(const scalar_t* x, int64_t n, int64_t k, const Ch
   for (int64_t c = 1; c < chunks.count; ++c) {
     end = std::copy(buffer.data() + c * slice, buffer.data() + c * slice + inside[c], end);
   }
-  *result = threshold_from_candidates(buffer.data(), end, k - total_above,
-                                      KeyTraits<scalar_t>::kBits, n);
+  int span_bits = 0;  // bits of hi - lo: the only ones that vary among the candidates
+  while (span_bits < KeyTraits<scalar_t>::kBits && (uint64_t(hi - lo) >> span_bits) != 0) {
+    ++span_bits;
+  }
+  *result = threshold_from_candidates(buffer.data(), end, k - total_above, span_bits, n, lo);
   return true;
 }
 
