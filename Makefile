@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.14.1
 CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME
 BIN := $(VENV)/bin
-PYTEST_ARGS ?= -q -m "not slow"
+PYTEST_ARGS ?= -q
 
 .PHONY: demo test lint bench build clean
 

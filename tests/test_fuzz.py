@@ -1,0 +1,304 @@
+"""Differential fuzzing: ``lorax_merge`` against the slow reference on hostile inputs.
+
+Where ``test_properties.py`` draws small, mostly well-behaved cases value by value, the cases
+here are built to break kernels: up to 64 tasks, 0-D to 4-D tensors with odd and empty
+dimensions, misaligned, strided, transposed and broadcast (stride-0) views, densities at and
+past the edges, weights that are negative, zero or huge, weight tensors of every dtype,
+values near the dtype's overflow and underflow limits, tie-heavy data and data with NaN and
+Inf. Every result is compared with ``tests/reference.py``; results written through ``out=``
+must equal the returned ones bit for bit; ``merge_many`` must equal the reference group by
+group; and where a GPU is visible the CUDA result must equal the CPU result bit for bit.
+
+The example counts follow the hypothesis profile of ``conftest.py`` (``ci`` by default,
+``HYPOTHESIS_PROFILE=nightly`` for thousands of examples): the main differential test runs
+eight times the profile's count, the CUDA comparison twice, the others once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import (
+    ALL_DTYPES,
+    RANDOM_STRATEGIES,
+    STRATEGIES,
+    TIE_VALUES,
+    dare_masks,
+    transposed,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import assert_matches, assert_merge_matches, reference_merge_detailed
+
+import lorax_merge
+
+CUDA_OK = torch.cuda.is_available() and bool(lorax_merge.build_info().get("cuda_compiled"))
+
+#: examples of the main differential test: a multiple of the profile's count
+_BASE_EXAMPLES = settings.default.max_examples
+MAIN_EXAMPLES = 8 * _BASE_EXAMPLES
+
+#: odd sizes around vector widths (4, 8, 16 lanes) and tails
+DIM_SIZES = (0, 1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 64, 65)
+#: sizes of the occasional large case: around the 32K-element parallel chunk and past the
+#: 2**18-element threshold of the parallel magnitude selection
+LARGE_SIZES = (32767 * 7, 32769 * 7, 2**18 + 7 * 11, 300_007)
+#: the most elements of one case, over all of its tasks (keeps the reference fast)
+MAX_TOTAL_ELEMENTS = 6000
+
+DENSITY = st.one_of(
+    st.sampled_from([0.0, 1.0, 1.0000001, 1.5, 100.0, 1e-9, 0.999999, 0.5, 1 / 3]),
+    st.floats(0.0, 1.0, exclude_max=True),
+)
+HUGE_WEIGHTS = (1e30, -1e30, 3.0e38, 65504.0, -65504.0, 1e300, -1e300)
+WEIGHT = st.one_of(
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -2.75, *HUGE_WEIGHTS]),
+    st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False),
+    st.floats(-1e-30, 1e-30, allow_nan=False, allow_infinity=False),
+)
+WEIGHT_FORMS = ("list", "float32", "float64", "float16", "bfloat16", "task dtype")
+LAYOUTS = ("contiguous", "transposed", "strided", "offset", "broadcast")
+DATA_KINDS = ("normal", "tied", "special", "huge", "tiny", "mixed")
+
+
+# ---------------------------------------------------------------------------- data builders
+
+
+def _values(kind: str, numel: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """``numel`` values of one kind, rounded to ``dtype`` (a 1-D CPU tensor)."""
+    info = torch.finfo(dtype)
+    if kind == "tied":
+        values = torch.tensor(TIE_VALUES, dtype=torch.float64)
+        return values[torch.randint(len(TIE_VALUES), (numel,), generator=gen)].to(dtype)
+    if kind == "huge":  # products with weights overflow; sums of a few cancel or overflow
+        x = (torch.rand(numel, generator=gen, dtype=torch.float64) * 2 - 1) * info.max
+        return x.to(dtype)
+    if kind == "tiny":  # subnormals and the smallest normals of the dtype
+        x = torch.randn(numel, generator=gen, dtype=torch.float64) * info.smallest_normal
+        return x.to(dtype)
+    x = torch.randn(numel, generator=gen, dtype=torch.float64)
+    if kind == "mixed":  # tie-heavy values among normal ones
+        tied = torch.tensor(TIE_VALUES, dtype=torch.float64)
+        pick = torch.rand(numel, generator=gen) < 0.5
+        x = torch.where(pick, tied[torch.randint(len(TIE_VALUES), (numel,), generator=gen)], x)
+    if kind in ("special", "mixed"):
+        specials = torch.tensor([math.nan, math.inf, -math.inf], dtype=torch.float64)
+        hit = torch.rand(numel, generator=gen) < 0.15
+        x = torch.where(hit, specials[torch.randint(3, (numel,), generator=gen)], x)
+    return x.to(dtype)
+
+
+def _offset_view(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a buffer that starts one element into its storage (misaligned)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    buf[1:] = t.reshape(-1)
+    return buf[1:].view(t.shape)
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as every other element of the last dimension of a wider buffer."""
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), math.nan, dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same logical values as ``t`` in another memory layout."""
+    if layout == "transposed" and t.dim() >= 2:
+        return transposed(t)
+    if layout == "strided" and t.dim() >= 1:
+        return _strided(t)
+    if layout == "offset":
+        return _offset_view(t)
+    return t
+
+
+def _broadcast_tasks(
+    n: int, shape: tuple[int, ...], dtype: torch.dtype, kind: str, gen: torch.Generator
+) -> list[torch.Tensor]:
+    """Tasks that are stride-0 expansions of a smaller tensor along the first dimension."""
+    tasks = []
+    for _ in range(n):
+        row = _values(kind, math.prod(shape[1:]), dtype, gen).reshape((1, *shape[1:]))
+        tasks.append(row.expand(shape))
+    return tasks
+
+
+@st.composite
+def shapes(draw, max_numel: int) -> tuple[int, ...]:
+    """0-D to 4-D shapes with odd and empty dimensions, at most ``max_numel`` elements."""
+    ndim = draw(st.integers(0, 4))
+    dims = [draw(st.sampled_from(DIM_SIZES)) for _ in range(ndim)]
+    while math.prod(dims) > max_numel:
+        largest = max(range(ndim), key=lambda i: dims[i])
+        dims[largest] = max(1, dims[largest] // 2 - 1)
+    return tuple(dims)
+
+
+@st.composite
+def merge_cases(draw, kinds=DATA_KINDS, max_tasks: int = 64):
+    """One fuzz case: everything ``lorax_merge.merge`` takes, drawn adversarially."""
+    strategy = draw(st.sampled_from(STRATEGIES))
+    method = draw(st.sampled_from(["total", "frequency"]))
+    dtype = draw(st.sampled_from(ALL_DTYPES))
+    if draw(st.integers(0, 9)) == 0:
+        # now and then a large case: several parallel chunks, the parallel threshold selection
+        n = draw(st.integers(1, 3))
+        numel = draw(st.sampled_from(LARGE_SIZES))
+        shape = draw(st.sampled_from([(numel,), (numel // 7, 7), (7, numel // 7)]))
+    else:
+        n = draw(st.one_of(st.integers(1, 4), st.integers(5, max_tasks)))
+        shape = draw(shapes(max(1, MAX_TOTAL_ELEMENTS // n)))
+    kind = draw(st.sampled_from(kinds))
+    layout = draw(st.sampled_from(LAYOUTS))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    if layout == "broadcast" and len(shape) >= 1:
+        tasks = _broadcast_tasks(n, shape, dtype, kind, gen)
+    else:
+        tasks = [
+            _layout(_values(kind, math.prod(shape), dtype, gen).reshape(shape), layout)
+            for _ in range(n)
+        ]
+    weights = draw(st.lists(WEIGHT, min_size=n, max_size=n))
+    form = draw(st.sampled_from(WEIGHT_FORMS))
+    if form != "list":
+        wdtype = dtype if form == "task dtype" else getattr(torch, form)
+        weights = torch.tensor(weights, dtype=torch.float64).to(wdtype)
+    out_dtype = draw(st.one_of(st.none(), st.sampled_from(ALL_DTYPES)))
+    density = draw(DENSITY)
+    seed = draw(st.integers(0, 2**64 - 1))
+    return {
+        "strategy": strategy,
+        "method": method,
+        "tasks": tasks,
+        "weights": weights,
+        "density": density,
+        "seed": seed,
+        "out_dtype": out_dtype,
+    }
+
+
+def _describe(case: dict) -> str:
+    t = case["tasks"][0]
+    w = case["weights"]
+    wd = w.dtype if isinstance(w, torch.Tensor) else "list"
+    return (
+        f"{case['strategy']}/{case['method']} {len(case['tasks'])} x {tuple(t.shape)} {t.dtype} "
+        f"stride {t.stride()} weights {wd} density {case['density']!r} out {case['out_dtype']}"
+    )
+
+
+def _kwargs(case: dict) -> dict:
+    kw = {
+        "density": case["density"],
+        "majority_sign_method": case["method"],
+        "out_dtype": case["out_dtype"],
+    }
+    if case["strategy"] in RANDOM_STRATEGIES:
+        kw["seed"] = case["seed"]
+    return kw
+
+
+def _merge(case: dict, tasks=None) -> torch.Tensor:
+    return lorax_merge.merge(
+        case["tasks"] if tasks is None else tasks,
+        case["weights"],
+        case["strategy"],
+        **_kwargs(case),
+    )
+
+
+def _reference(case: dict, seed: int | None = None):
+    strategy, density = case["strategy"], case["density"]
+    masks = None
+    if strategy in RANDOM_STRATEGIES and density < 1:
+        masks = dare_masks(case["tasks"], density, case["seed"] if seed is None else seed)
+    return reference_merge_detailed(
+        case["tasks"],
+        case["weights"],
+        strategy,
+        density,
+        case["method"],
+        masks,
+        case["out_dtype"],
+    )
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of ``t`` in logical order (tells -0 from +0 and NaN payloads apart)."""
+    flat = torch.empty(t.numel(), dtype=t.dtype)
+    flat.copy_(t.detach().cpu().reshape(-1))
+    return flat.view(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------- the tests
+
+
+@settings(max_examples=MAIN_EXAMPLES)
+@given(merge_cases())
+def test_merge_matches_reference(case):
+    snapshot = [_bits(t).clone() for t in case["tasks"]]
+    got = _merge(case)
+    ref = _reference(case)
+    what = _describe(case)
+    assert got.shape == case["tasks"][0].shape, what
+    assert got.is_contiguous(), what
+    assert_merge_matches(got, ref, what=what)
+    for i, (before, t) in enumerate(zip(snapshot, case["tasks"])):
+        assert torch.equal(before, _bits(t)), f"{what}: task {i} was modified"
+
+
+@given(merge_cases(max_tasks=16), st.sampled_from(["contiguous", "transposed", "strided"]))
+def test_out_equals_the_returned_result_bit_for_bit(case, out_layout):
+    expected = _merge(case)
+    base = torch.full(expected.shape, 7.0, dtype=expected.dtype)  # poison: must be overwritten
+    out = _layout(base, out_layout) if expected.dim() else base
+    kw = _kwargs(case)
+    kw.pop("out_dtype")
+    returned = lorax_merge.merge(case["tasks"], case["weights"], case["strategy"], out=out, **kw)
+    assert returned is out
+    assert out.dtype == expected.dtype
+    assert torch.equal(_bits(out), _bits(expected)), _describe(case)
+
+
+@given(st.lists(merge_cases(max_tasks=8), min_size=1, max_size=5), st.data())
+def test_merge_many_matches_reference_group_by_group(cases, data):
+    # one strategy, density, method, out_dtype and task dtype for all groups, as merge_many takes
+    first = cases[0]
+    dtype = first["tasks"][0].dtype
+    groups = [[t.to(dtype) for t in c["tasks"]] for c in cases]
+    weights = [c["weights"] for c in cases]
+    seed = data.draw(st.integers(0, 2**63 - 1), label="seed")
+    outs = lorax_merge.merge_many(
+        groups,
+        weights,
+        strategy=first["strategy"],
+        density=first["density"],
+        majority_sign_method=first["method"],
+        seed=seed,
+        out_dtype=first["out_dtype"],
+    )
+    assert len(outs) == len(groups)
+    for g, (tasks, w, got) in enumerate(zip(groups, weights, outs)):
+        case = dict(first, tasks=tasks, weights=w, seed=lorax_merge.derive_seed(seed, g))
+        assert_merge_matches(got, _reference(case), what=f"group {g}: {_describe(case)}")
+        # and the batched path equals the single-call path bit for bit
+        assert torch.equal(_bits(got), _bits(_merge(case))), f"group {g}: {_describe(case)}"
+
+
+@pytest.mark.skipif(not CUDA_OK, reason="no CUDA device visible (or no CUDA kernels built)")
+@settings(max_examples=2 * _BASE_EXAMPLES)
+@given(merge_cases())
+def test_cuda_equals_cpu_bit_for_bit(case):
+    cpu = _merge(case)
+    gpu_tasks = [t.cuda() for t in case["tasks"]]
+    gpu = _merge(case, gpu_tasks)
+    assert gpu.device.type == "cuda"
+    assert_matches(gpu, cpu, 0.0, what=_describe(case))
+    # same bits, except that NaN payloads may differ
+    both_nan = torch.isnan(cpu) & torch.isnan(gpu.cpu())
+    same = _bits(torch.where(both_nan, torch.zeros_like(cpu), cpu))
+    got = _bits(torch.where(both_nan, torch.zeros_like(cpu), gpu.cpu()))
+    assert torch.equal(same, got), f"{_describe(case)}: signs of zeros differ"
