@@ -41,21 +41,12 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import upstream  # noqa: E402
+from bench_common import import_lorax_merge, proc_status_kb, reset_peak_rss  # noqa: E402
 
 STRATEGIES = ["linear", "magnitude_prune", "ties", "dare_linear", "dare_ties"]
 WEIGHTS = [1.0, 0.5, -0.75]
 DENSITY = 0.5
 SEED = 7
-
-
-def _import_lorax_merge():
-    """Import lorax_merge; fall back to the source tree (an in-place build)."""
-    try:
-        import lorax_merge
-    except ImportError:
-        sys.path.insert(1, str(HERE.parent))
-        import lorax_merge
-    return lorax_merge
 
 
 def make_tasks(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -99,7 +90,7 @@ def _two_sequential(fn, args_a, args_b) -> float:
 
 
 def concurrency_rows(shape: tuple[int, ...], reps: int) -> list[dict]:
-    lorax_merge = _import_lorax_merge()
+    lorax_merge = import_lorax_merge()
     torch.set_num_threads(1)
     tasks_a = make_tasks(shape, torch.float32, seed=1)
     tasks_b = make_tasks(shape, torch.float32, seed=2)
@@ -123,23 +114,8 @@ def concurrency_rows(shape: tuple[int, ...], reps: int) -> list[dict]:
 
 
 def _status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    kb = proc_status_kb(field)
+    return None if kb is None else kb * 1024
 
 
 def memory_case(impl: str, strategy: str, dtype_name: str, side: int) -> dict:
@@ -154,7 +130,7 @@ def memory_case(impl: str, strategy: str, dtype_name: str, side: int) -> dict:
         def run(ts):
             return upstream.merge(ts, weights, strategy, density=DENSITY)
     else:
-        lorax_merge = _import_lorax_merge()
+        lorax_merge = import_lorax_merge()
         if impl == "ours, out=":
             # the caller's buffer exists (and is resident) before the call
             out = torch.zeros((side, side), dtype=torch.float32)
@@ -165,7 +141,7 @@ def memory_case(impl: str, strategy: str, dtype_name: str, side: int) -> dict:
 
     run(small)  # load and initialise the code path
     gc.collect()
-    exact = _reset_peak()
+    exact = reset_peak_rss()
     before = _status_bytes("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = run(tasks)
     if exact:

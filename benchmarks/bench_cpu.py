@@ -49,17 +49,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import upstream  # noqa: E402
-
-
-def _import_lorax_merge():
-    """Import lorax_merge; fall back to the source tree (an in-place build)."""
-    try:
-        import lorax_merge
-    except ImportError:
-        sys.path.insert(1, str(HERE.parent))
-        import lorax_merge
-    return lorax_merge
-
+from bench_common import import_lorax_merge, proc_status_kb, reset_peak_rss  # noqa: E402
 
 STRATEGIES = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -98,7 +88,7 @@ def make_tasks(size: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> list
 
 
 def ours_fn(strategy: str):
-    lorax_merge = _import_lorax_merge()
+    lorax_merge = import_lorax_merge()
 
     def run(tasks, weights):
         return lorax_merge.merge(tasks, weights, strategy, density=DENSITY, seed=SEED)
@@ -158,26 +148,6 @@ def time_big_cases(
 # --------------------------------------------------------------------------- memory (subprocess)
 
 
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_case(impl: str, strategy: str, dtype_name: str, side: int) -> dict:
     """Run one merge in this (fresh) process and measure its peak extra memory."""
     dtype = DTYPES[dtype_name]
@@ -186,14 +156,14 @@ def memory_case(impl: str, strategy: str, dtype_name: str, side: int) -> dict:
     fn = ours_fn(strategy) if impl == "ours" else upstream_fn(strategy)
     fn(make_tasks((8, 8), dtype), weights)  # load and initialise the code path
     gc.collect()
-    exact = _reset_peak_rss()
+    exact = reset_peak_rss()
     if exact:
-        before_kb = _proc_status_kb("VmRSS")
+        before_kb = proc_status_kb("VmRSS")
     else:
         before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = fn(tasks, weights)
     if exact:
-        peak_kb = _proc_status_kb("VmHWM")
+        peak_kb = proc_status_kb("VmHWM")
     else:
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out_bytes = out.numel() * out.element_size()
@@ -270,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_case(impl, strategy, dtype_name, int(side))))
         return 0
 
-    lorax_merge = _import_lorax_merge()
+    lorax_merge = import_lorax_merge()
 
     side = 1024 if args.quick else 4096
     reps_big = 3 if args.quick else 5

@@ -37,19 +37,9 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import upstream  # noqa: E402
+from bench_common import import_lorax_merge  # noqa: E402
 
-
-def _import_lorax_merge():
-    """Import lorax_merge; fall back to the source tree (an in-place build)."""
-    try:
-        import lorax_merge
-    except ImportError:
-        sys.path.insert(1, str(HERE.parent))
-        import lorax_merge
-    return lorax_merge
-
-
-lorax_merge = _import_lorax_merge()
+lorax_merge = import_lorax_merge()
 
 STRATEGIES = ["linear", "magnitude_prune", "ties", "dare_linear", "dare_ties"]
 #: fraction of the copy bandwidth each strategy must reach on the big case
