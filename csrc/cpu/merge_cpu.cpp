@@ -24,7 +24,7 @@ constexpr int64_t kSerialSelectBelow = 1 << 18;
 // Least work (task elements read) worth handing to another thread: below it, waking and
 // waiting for a second thread costs more than it saves, and a busy server has other
 // requests for the other cores.
-constexpr int64_t kMinParallelWork = 1 << 18;
+constexpr int64_t kMinParallelWork = 1 << 17;
 
 // One merge with everything resolved on the host, ready for the tile loop.
 struct PreparedMerge {
