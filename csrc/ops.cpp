@@ -24,7 +24,8 @@ static void check_out_dtype(at::ScalarType dtype) {
 }
 
 at::Tensor new_merge_output(at::TensorList tasks, at::ScalarType dtype) {
-  check_tasks(tasks);
+  // The tasks are checked in full by make_request; the shape and device come from the first.
+  TORCH_CHECK_VALUE(!tasks.empty(), "lorax_merge: tasks is empty; at least one tensor is needed");
   check_out_dtype(dtype);
   return at::empty(tasks[0].sizes(), tasks[0].options().dtype(dtype));
 }
@@ -81,26 +82,15 @@ std::vector<MergeRequest> make_group_requests(at::TensorList tasks, at::IntArray
   TORCH_CHECK_VALUE(weights.numel() == total, "lorax_merge: weights has ", weights.numel(),
                     " entries but there are ", total, " tensors in all groups");
   if (num_groups == 0) return {};
-  // One allocation for every output: each group's result is a view at an offset rounded
-  // up to 32 elements (aligned for vector stores).
-  std::vector<int64_t> out_offsets(static_cast<size_t>(num_groups) + 1, 0);
+  // Each group gets its own output: the op is functional, so its outputs must not alias.
+  std::vector<MergeRequest> requests;
+  requests.reserve(num_groups);
   int64_t offset = 0;
   for (int64_t g = 0; g < num_groups; ++g) {
     const at::TensorList group = tasks.slice(offset, group_sizes[g]);
     const std::string name = "groups[" + std::to_string(g) + "]";
     check_tasks(group, name.c_str());
-    out_offsets[g + 1] = out_offsets[g] + (group[0].numel() + 31) / 32 * 32;
-    offset += group_sizes[g];
-  }
-  check_out_dtype(out_dtype);
-  const at::Tensor buffer = at::empty({out_offsets.back()}, tasks[0].options().dtype(out_dtype));
-  std::vector<MergeRequest> requests;
-  requests.reserve(num_groups);
-  offset = 0;
-  for (int64_t g = 0; g < num_groups; ++g) {
-    const at::TensorList group = tasks.slice(offset, group_sizes[g]);
-    at::Tensor out =
-        buffer.narrow(0, out_offsets[g], group[0].numel()).view(group[0].sizes());
+    at::Tensor out = new_merge_output(group, out_dtype);
     requests.push_back(make_request(group, weights.narrow(0, offset, group_sizes[g]), pruning,
                                     election, density, rescale, seeds[g], 0, std::move(out)));
     offset += group_sizes[g];
