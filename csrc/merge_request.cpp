@@ -81,8 +81,8 @@ at::ScalarType accumulate_type(at::ScalarType task_dtype, at::ScalarType out_dty
 
 MergeRequest make_request(at::TensorList tasks, const at::Tensor& weights, c10::string_view pruning,
                           c10::string_view election, double density, bool rescale, int64_t seed,
-                          int64_t first_stream, at::Tensor out) {
-  check_tasks(tasks);
+                          int64_t first_stream, at::Tensor out, const char* arg) {
+  check_tasks(tasks, arg);
   check_weights(weights, static_cast<int64_t>(tasks.size()), tasks[0]);
   check_density(density);
   check_float_dtype(out, "out");

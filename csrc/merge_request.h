@@ -44,9 +44,10 @@ void check_out(const at::Tensor& out, const at::Tensor& first_task, at::ScalarTy
 at::ScalarType accumulate_type(at::ScalarType task_dtype, at::ScalarType out_dtype);
 
 // Build a request over contiguous views of the tasks (non-contiguous tasks are copied).
+// `arg` names the tasks in error messages ("tasks", or "groups[g]" in a batch).
 MergeRequest make_request(at::TensorList tasks, const at::Tensor& weights, c10::string_view pruning,
                           c10::string_view election, double density, bool rescale, int64_t seed,
-                          int64_t first_stream, at::Tensor out);
+                          int64_t first_stream, at::Tensor out, const char* arg = "tasks");
 
 // Host copy of the weights as doubles (the weights tensor must be on the CPU).
 std::vector<double> host_weights(const at::Tensor& weights);

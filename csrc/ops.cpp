@@ -89,10 +89,10 @@ std::vector<MergeRequest> make_group_requests(at::TensorList tasks, at::IntArray
   for (int64_t g = 0; g < num_groups; ++g) {
     const at::TensorList group = tasks.slice(offset, group_sizes[g]);
     const std::string name = "groups[" + std::to_string(g) + "]";
-    check_tasks(group, name.c_str());
     at::Tensor out = new_merge_output(group, out_dtype);
     requests.push_back(make_request(group, weights.narrow(0, offset, group_sizes[g]), pruning,
-                                    election, density, rescale, seeds[g], 0, std::move(out)));
+                                    election, density, rescale, seeds[g], 0, std::move(out),
+                                    name.c_str()));
     offset += group_sizes[g];
   }
   return requests;

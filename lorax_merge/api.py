@@ -194,7 +194,13 @@ def merge_many(
         seeds = [_op_seed(s) if uses_seed else 0 for s in checked]
 
     # One op call per result dtype (usually one).
-    dtypes = [result_dtype(g[0], w, None, requested) for g, w in zip(groups, group_weights)]
+    by_dtypes: dict[tuple[torch.dtype, torch.dtype], torch.dtype] = {}
+    dtypes = []
+    for g, w in zip(groups, group_weights):
+        key = (g[0].dtype, w.dtype)
+        if key not in by_dtypes:
+            by_dtypes[key] = result_dtype(g[0], w, None, requested)
+        dtypes.append(by_dtypes[key])
     results: list[torch.Tensor | None] = [None] * len(groups)
     for dtype in dict.fromkeys(dtypes):
         members = [i for i, d in enumerate(dtypes) if d == dtype]
