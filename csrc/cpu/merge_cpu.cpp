@@ -19,7 +19,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kTile = 256;               // even: tiles start on a pair of random words
-constexpr int64_t kTilesPerTask = 128;       // at::parallel_for grain of the stacked ops
+constexpr int64_t kStackedGrainTiles = 128;  // at::parallel_for grain of the stacked ops
 constexpr int64_t kSerialSelectBelow = 1 << 18;
 // Least work (task elements read) worth handing to another thread: below it, waking and
 // waiting for a second thread costs more than it saves, and a busy server has other
@@ -218,7 +218,8 @@ void select_thresholds(std::vector<PreparedMerge>& merges) {
   int64_t small_work = 0;
   for (const SelectJob& job : small) small_work += job.merge->numel;
   const int64_t jobs = static_cast<int64_t>(small.size());
-  const int64_t job_grain = jobs == 0 ? 1 : std::max<int64_t>(1, kMinParallelWork * jobs / std::max<int64_t>(small_work, 1));
+  const int64_t job_grain =
+      std::max<int64_t>(1, kMinParallelWork * jobs / std::max<int64_t>(small_work, 1));
   at::parallel_for(0, jobs, job_grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) run(small[i], false);
   });
@@ -254,9 +255,9 @@ void fused_merge_batch(const std::vector<MergeRequest>& requests) {
 }
 
 // Stacked primitives: element (i, j) of an [N, M] view is task i, position j.
-template <typename acc_t, typename Fn>
+template <typename Fn>
 void for_each_position_tile(int64_t positions, const Fn& fn) {
-  at::parallel_for(0, (positions + kTile - 1) / kTile, kTilesPerTask, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (positions + kTile - 1) / kTile, kStackedGrainTiles, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       fn(tile * kTile, std::min(kTile, positions - tile * kTile));
     }
@@ -269,7 +270,7 @@ void sign_mask_kernel(const at::Tensor& stacked, at::Tensor& mask) {
   const int64_t positions = n == 0 ? 0 : stacked.numel() / n;
   const scalar_t* x = stacked.const_data_ptr<scalar_t>();
   bool* out = mask.data_ptr<bool>();
-  for_each_position_tile<acc_t>(positions, [&](int64_t base, int64_t len) {
+  for_each_position_tile(positions, [&](int64_t base, int64_t len) {
     acc_t score[kTile];
     for (int64_t j = 0; j < len; ++j) score[j] = acc_t(0);
     for (int64_t i = 0; i < n; ++i) {
@@ -293,7 +294,7 @@ void disjoint_merge_kernel(const at::Tensor& stacked, const at::Tensor& mask, at
   const scalar_t* x = stacked.const_data_ptr<scalar_t>();
   const bool* selected = mask.const_data_ptr<bool>();
   acc_t* dst = out.data_ptr<acc_t>();
-  for_each_position_tile<acc_t>(positions, [&](int64_t base, int64_t len) {
+  for_each_position_tile(positions, [&](int64_t base, int64_t len) {
     MaskedMean<acc_t> mean[kTile];
     for (int64_t i = 0; i < n; ++i) {
       const scalar_t* row = x + i * positions + base;
