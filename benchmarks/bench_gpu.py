@@ -69,21 +69,27 @@ LORA_RANK = 16
 # --------------------------------------------------------------------------- timing
 
 
-def cuda_median_seconds(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
-    """Median CUDA-event time of ``fn()`` (one call per interval, host work included)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
+def _event_seconds(fn: Callable[[], object], reps: int, before: Callable[[], object]) -> float:
+    """Median CUDA-event interval around ``fn()``, ``before()`` being queued ahead of each."""
     times = []
     for _ in range(reps):
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
+        before()
         start.record()
         fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return statistics.median(times)
+
+
+def cuda_median_seconds(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
+    """Median CUDA-event time of ``fn()`` (one call per interval, host work included)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    return _event_seconds(fn, reps, before=lambda: None)
 
 
 def cuda_device_seconds(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
@@ -94,17 +100,7 @@ def cuda_device_seconds(fn: Callable[[], object], reps: int, warmup: int = 2) ->
     torch.cuda.synchronize()
     host = cuda_median_seconds(fn, 3, warmup=0)
     cycles = int(max(2e-3, 4 * host) * 2e9)  # comfortably longer than queueing the call
-    times = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(cycles)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return _event_seconds(fn, reps, before=lambda: torch.cuda._sleep(cycles))
 
 
 def copy_bandwidth(nbytes: int, reps: int) -> float:
