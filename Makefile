@@ -28,11 +28,14 @@ lint: $(VENV)/.deps
 build: $(VENV)/.deps
 	MAX_JOBS=$${MAX_JOBS:-2} $(BIN)/pip install --no-build-isolation --no-deps -e . -q
 
-$(VENV)/.deps:
+# Pinned, so that a new release of a test or lint dependency cannot change what CI checks.
+DEV_PACKAGES := ninja==1.13.2 numpy==2.4.6 safetensors==0.8.0 peft==0.21.2 \
+	transformers==5.24.0 hypothesis==6.170.17 pytest==9.2.0 ruff==0.17.6
+
+$(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q torch==$(TORCH_VERSION) ninja numpy
-	$(BIN)/pip install -q safetensors peft transformers hypothesis pytest ruff
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(DEV_PACKAGES)
 	touch $@
 
 clean:
