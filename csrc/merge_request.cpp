@@ -103,9 +103,33 @@ MergeRequest make_request(at::TensorList tasks, const at::Tensor& weights, c10::
 }
 
 std::vector<double> host_weights(const at::Tensor& weights) {
-  const at::Tensor w = weights.to(at::kDouble).contiguous();
-  const double* p = w.const_data_ptr<double>();
-  return std::vector<double>(p, p + w.numel());
+  // Read in place for the usual dtypes: a batch has one small weights view per group, and
+  // a temporary tensor per group would cost more than the merge of a small one.
+  const int64_t n = weights.numel();
+  const int64_t stride = n > 1 ? weights.stride(0) : 1;
+  std::vector<double> out(static_cast<size_t>(n));
+  auto read = [&](const auto* p) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(p[i * stride]);
+  };
+  switch (weights.scalar_type()) {
+    case at::kDouble:
+      read(weights.const_data_ptr<double>());
+      return out;
+    case at::kFloat:
+      read(weights.const_data_ptr<float>());
+      return out;
+    case at::kHalf:
+      read(weights.const_data_ptr<at::Half>());
+      return out;
+    case at::kBFloat16:
+      read(weights.const_data_ptr<at::BFloat16>());
+      return out;
+    default: {
+      const at::Tensor w = weights.to(at::kDouble).contiguous();
+      const double* p = w.const_data_ptr<double>();
+      return std::vector<double>(p, p + n);
+    }
+  }
 }
 
 }  // namespace lorax_merge

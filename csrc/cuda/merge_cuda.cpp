@@ -161,33 +161,6 @@ DeviceWeights gather_device_weights(const std::vector<const MergeRequest*>& requ
   return dw;
 }
 
-// The weights of a CPU tensor as doubles, read in place for the usual dtypes (a batch has
-// one small weights view per group; no temporary tensors).
-std::vector<double> read_host_weights(const at::Tensor& w) {
-  const int64_t n = w.numel();
-  const int64_t stride = n > 1 ? w.stride(0) : 1;
-  std::vector<double> out(static_cast<size_t>(n));
-  auto read = [&](auto* p) {
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<double>(p[i * stride]);
-  };
-  switch (w.scalar_type()) {
-    case at::kDouble:
-      read(w.const_data_ptr<double>());
-      return out;
-    case at::kFloat:
-      read(w.const_data_ptr<float>());
-      return out;
-    case at::kHalf:
-      read(w.const_data_ptr<at::Half>());
-      return out;
-    case at::kBFloat16:
-      read(w.const_data_ptr<at::BFloat16>());
-      return out;
-    default:
-      return host_weights(w);
-  }
-}
-
 // Requests that share one kernel instantiation and one set of strategy parameters.
 using BucketKey = std::tuple<int, bool, int, int, double, bool>;
 
@@ -228,7 +201,7 @@ void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vec
                   (aligned_to(group.out, merge_vector_align(out_dtype, wide)) ? kVectorStores : 0);
     blocks += (numel + block_elems - 1) / block_elems;
     const std::vector<double> host =
-        r.weights.device().is_cpu() ? read_host_weights(r.weights) : std::vector<double>();
+        r.weights.device().is_cpu() ? host_weights(r.weights) : std::vector<double>();
     const int64_t k = magnitude_keep_count(r.density, numel);
     for (size_t i = 0; i < r.tasks.size(); ++i) {
       MergeTask task{};
