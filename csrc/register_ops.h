@@ -43,14 +43,15 @@ struct DeviceOps {
   static void merge_out(at::TensorList tasks, const at::Tensor& weights, c10::string_view pruning,
                         c10::string_view election, double density, bool rescale, int64_t seed,
                         const at::Tensor& out) {
-    check_tasks(tasks);
-    check_out(out, tasks[0], out.scalar_type());
-    if (out.is_contiguous()) {
+    if (out.is_contiguous()) {  // make_request checks the tasks and `out`
       Kernels::fused_merge(
           make_request(tasks, weights, pruning, election, density, rescale, seed, 0, out));
       return;
     }
-    // A strided destination gets a contiguous result copied in.
+    // A strided destination gets a contiguous result copied in; check it before the copy,
+    // which would otherwise broadcast into a destination of the wrong shape.
+    check_tasks(tasks);
+    check_out(out, tasks[0], out.scalar_type());
     at::Tensor result = merge(tasks, weights, pruning, election, density, rescale, seed,
                               out.scalar_type());
     const_cast<at::Tensor&>(out).copy_(result);
