@@ -1,0 +1,84 @@
+"""The one table of merge strategies.
+
+Every strategy is a row: where it merges (the LoRA factors element by element, as the LoRAX
+server does, or the adapters' products ``s·B·A``), how it prunes, whether it elects a sign,
+and how a delta-space result is turned back into LoRA factors. Everything that needs to know
+strategy names (the registry, ``merge``'s checks, the command's choices, the docs' lists)
+reads them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Pruning = Literal["none", "magnitude", "random"]
+Space = Literal["factor", "delta"]
+Refactor = Literal["none", "concat", "svd"]
+
+__all__ = [
+    "StrategySpec",
+    "STRATEGIES",
+    "strategy_names",
+]
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """Where a strategy sits in (space x pruning x sign election x re-factoring).
+
+    Attributes:
+        name: the strategy's name in every API.
+        pruning: ``"none"``, ``"magnitude"`` (top-k of |x|) or ``"random"`` (DARE).
+        elects_sign: whether a majority sign is elected and a disjoint merge done.
+        rescale: whether kept entries of a random pruning are divided by the density.
+        space: ``"factor"`` merges ``lora_A`` and ``lora_B`` element by element;
+            ``"delta"`` merges the products ``s·B·A`` and re-factors the result.
+        refactor: how a delta-space result becomes LoRA factors: ``"concat"`` (exact, rank
+            is the sum of the ranks) or ``"svd"`` (rank-r truncation); ``"none"`` in factor
+            space.
+        in_server: part of the LoRAX server's ``strategy_registry``.
+    """
+
+    name: str
+    pruning: Pruning
+    elects_sign: bool
+    rescale: bool
+    space: Space = "factor"
+    refactor: Refactor = "none"
+    in_server: bool = False
+
+    @property
+    def is_random(self) -> bool:
+        """Random pruning: the merge needs a seed."""
+        return self.pruning == "random"
+
+    @property
+    def uses_density(self) -> bool:
+        return self.pruning != "none"
+
+
+_ROWS = (
+    # name               pruning      elects rescale  space    refactor  server
+    StrategySpec("linear", "none", False, False, "factor", "none", True),
+    StrategySpec("ties", "magnitude", True, False, "factor", "none", True),
+    StrategySpec("dare_linear", "random", False, True, "factor", "none", True),
+    StrategySpec("dare_ties", "random", True, True, "factor", "none", True),
+    StrategySpec("magnitude_prune", "magnitude", False, False, "factor", "none", False),
+)
+
+#: Every strategy by name, in the order the docs list them.
+STRATEGIES: dict[str, StrategySpec] = {row.name: row for row in _ROWS}
+
+
+def strategy_names(
+    *, space: Space | None = None, in_server: bool | None = None, random: bool | None = None
+) -> tuple[str, ...]:
+    """Names of the strategies that match every given filter, in table order."""
+    return tuple(
+        s.name
+        for s in STRATEGIES.values()
+        if (space is None or s.space == space)
+        and (in_server is None or s.in_server == in_server)
+        and (random is None or s.is_random == random)
+    )
