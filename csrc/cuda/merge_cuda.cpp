@@ -18,7 +18,7 @@
 #include <torch/library.h>
 
 #include "../common/counter_rng.h"
-#include "../register_ops.h"
+#include "../device_ops.h"
 #include "launch.h"
 
 namespace lorax_merge {
