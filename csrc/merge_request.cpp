@@ -102,6 +102,20 @@ MergeRequest make_request(at::TensorList tasks, const at::Tensor& weights, c10::
   return req;
 }
 
+at::Tensor check_slice(const at::Tensor& thresholds, int64_t index_offset, int64_t num_tasks,
+                       const at::Tensor& first_task) {
+  TORCH_CHECK_VALUE(index_offset >= 0, "lorax_merge: index_offset must be >= 0, got ", index_offset);
+  if (!thresholds.defined()) return thresholds;
+  TORCH_CHECK_TYPE(thresholds.scalar_type() == at::kLong,
+                   "lorax_merge: thresholds must be an int64 tensor, got dtype ", thresholds.scalar_type());
+  TORCH_CHECK_VALUE(thresholds.dim() == 2 && thresholds.size(0) == num_tasks && thresholds.size(1) == 2,
+                    "lorax_merge: thresholds must have shape [", num_tasks, ", 2] (one key and cut per "
+                    "task), got ", thresholds.sizes());
+  TORCH_CHECK_VALUE(thresholds.device() == first_task.device(), "lorax_merge: thresholds is on ",
+                    thresholds.device(), " but the task tensors are on ", first_task.device());
+  return thresholds.contiguous();
+}
+
 std::vector<double> host_weights(const at::Tensor& weights) {
   // Read in place for the usual dtypes: a batch has one small weights view per group, and
   // a temporary tensor per group would cost more than the merge of a small one.

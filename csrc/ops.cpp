@@ -61,6 +61,12 @@ at::Tensor new_disjoint_merge_output(const at::Tensor& stacked, const at::Tensor
   return at::empty(stacked.sizes().slice(1), stacked.options().dtype(dtype));
 }
 
+at::Tensor new_thresholds_output(at::TensorList tasks, double density) {
+  check_tasks(tasks);
+  check_density(density);
+  return at::empty({static_cast<int64_t>(tasks.size()), 2}, tasks[0].options().dtype(at::kLong));
+}
+
 std::vector<MergeRequest> make_group_requests(at::TensorList tasks, at::IntArrayRef group_sizes,
                                               const at::Tensor& weights, c10::string_view pruning,
                                               c10::string_view election, double density,
@@ -112,6 +118,10 @@ TORCH_LIBRARY(lorax_merge, m) {
   m.def("random_prune(Tensor x, float density, bool rescale, int seed, int stream) -> Tensor");
   m.def("majority_sign_mask(Tensor stacked, str method) -> Tensor");
   m.def("disjoint_merge(Tensor stacked, Tensor mask) -> Tensor");
+  m.def(
+      "merge_slice_out(Tensor[] tasks, Tensor weights, str pruning, str election, float density, "
+      "bool rescale, int seed, int index_offset, Tensor? thresholds, Tensor(a!) out) -> ()");
+  m.def("magnitude_thresholds(Tensor[] tasks, float density) -> Tensor");
 }
 
 }  // namespace lorax_merge
