@@ -36,6 +36,8 @@ struct PreparedMerge {
   double density = 1.0;
   uint64_t seed = 0;
   int64_t first_stream = 0;
+  int64_t index_offset = 0;       // flat index of element 0 in the tensors the tasks slice
+  bool thresholds_given = false;  // precomputed for the whole tensors
   uint64_t keep_bound = 0;
   at::ScalarType task_dtype = at::kFloat;
   void* out = nullptr;
@@ -110,7 +112,8 @@ void load_pruned_tile(const PreparedMerge& m, int64_t task, const scalar_t* x, i
     const MagnitudeThreshold threshold = m.thresholds[task];
     const key_t key = threshold.key > KeyTraits<scalar_t>::kNaN ? KeyTraits<scalar_t>::kNaN
                                                                 : static_cast<key_t>(threshold.key);
-    const int32_t cut = static_cast<int32_t>(std::clamp<int64_t>(threshold.cut - base, 0, len));
+    const int32_t cut =
+        static_cast<int32_t>(std::clamp<int64_t>(threshold.cut - (m.index_offset + base), 0, len));
     for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) {
       const key_t k = magnitude_key(x[j]);
       const bool kept = (k > key) | ((k == key) & (j < cut));
@@ -118,17 +121,21 @@ void load_pruned_tile(const PreparedMerge& m, int64_t task, const scalar_t* x, i
     }
     return;
   }
-  // Random words in pairs: the tile starts on an even index.
-  alignas(64) uint32_t words[kTile];
+  // Random words in pairs from the pair holding the tile's first flat index; a slice at
+  // an odd offset starts on the pair's high word.
+  alignas(64) uint32_t words[kTile + 2];
   const uint64_t key = dare_stream_key(m.seed, static_cast<uint64_t>(m.first_stream + task));
-  for (int64_t p = 0; 2 * p < len; ++p) {
-    const uint64_t bits = dare_pair_bits(key, static_cast<uint64_t>(base / 2 + p));
+  const int64_t first = m.index_offset + base;
+  const int64_t skip = first & 1;
+  for (int64_t p = 0; 2 * p < len + skip; ++p) {
+    const uint64_t bits = dare_pair_bits(key, static_cast<uint64_t>(first / 2 + p));
     words[2 * p] = static_cast<uint32_t>(bits);
     words[2 * p + 1] = static_cast<uint32_t>(bits >> 32);
   }
   const uint32_t bound = static_cast<uint32_t>(m.keep_bound);
+  const uint32_t* word = words + skip;
   for (int64_t j = 0; j < len; ++j) {
-    v[j] = pruned_value<scalar_t, acc_t>(static_cast<acc_t>(x[j]), words[j] < bound, m.rescale,
+    v[j] = pruned_value<scalar_t, acc_t>(static_cast<acc_t>(x[j]), word[j] < bound, m.rescale,
                                          density);
   }
 }
@@ -186,7 +193,15 @@ PreparedMerge prepare(const MergeRequest& req) {
   m.density = req.density;
   m.seed = static_cast<uint64_t>(req.seed);
   m.first_stream = req.first_stream;
+  m.index_offset = req.index_offset;
   m.keep_bound = dare_keep_bound(req.density);
+  if (m.pruning == Pruning::kMagnitude && req.thresholds.defined()) {
+    const int64_t* t = req.thresholds.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < req.num_tasks(); ++i) {
+      m.thresholds.push_back(MagnitudeThreshold{static_cast<uint64_t>(t[2 * i]), t[2 * i + 1]});
+    }
+    m.thresholds_given = true;
+  }
   for (const at::Tensor& t : req.tasks) m.tasks.push_back(t.const_data_ptr());
   m.task_dtype = req.tasks[0].scalar_type();
   const bool wide = accumulate_type(m.task_dtype, m.out_dtype) == at::kDouble;
@@ -201,7 +216,7 @@ PreparedMerge prepare(const MergeRequest& req) {
 void select_thresholds(std::vector<PreparedMerge>& merges) {
   std::vector<PendingThreshold> large, small;
   for (auto& m : merges) {
-    if (m.pruning != Pruning::kMagnitude) continue;
+    if (m.pruning != Pruning::kMagnitude || m.thresholds_given) continue;
     m.thresholds.resize(m.tasks.size());
     for (int64_t t = 0; t < static_cast<int64_t>(m.tasks.size()); ++t) {
       (m.numel >= kSerialSelectBelow ? large : small).push_back(PendingThreshold{&m, t});
@@ -315,6 +330,23 @@ void disjoint_merge_kernel(const at::Tensor& stacked, const at::Tensor& mask, at
 
 struct CpuKernels {
   static void fused_merge(const MergeRequest& request) { fused_merge_batch({request}); }
+
+  static void magnitude_thresholds(const std::vector<at::Tensor>& tasks, double density,
+                                   at::Tensor& out) {
+    int64_t* dst = out.data_ptr<int64_t>();
+    for (size_t i = 0; i < tasks.size(); ++i) {
+      const int64_t n = tasks[i].numel();
+      const int64_t k = magnitude_keep_count(density, n);
+      MagnitudeThreshold t{};
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, tasks[i].scalar_type(), "lorax_merge_thresholds", [&] {
+            t = select_magnitude_threshold(tasks[i].const_data_ptr<scalar_t>(), n, k,
+                                           n >= kSerialSelectBelow);
+          });
+      dst[2 * i] = static_cast<int64_t>(t.key);
+      dst[2 * i + 1] = t.cut;
+    }
+  }
 
   static void fused_merge_many(const std::vector<MergeRequest>& requests) {
     fused_merge_batch(requests);
