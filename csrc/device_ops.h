@@ -74,6 +74,19 @@ struct DeviceOps {
     Kernels::fused_merge(request);
   }
 
+  // merge_slice_out as a functional op: a new result (the one autograd can differentiate).
+  static at::Tensor merge_with_thresholds(at::TensorList tasks, const at::Tensor& weights,
+                                          c10::string_view pruning, c10::string_view election,
+                                          double density, bool rescale, int64_t seed,
+                                          int64_t index_offset,
+                                          const std::optional<at::Tensor>& thresholds,
+                                          at::ScalarType out_dtype) {
+    at::Tensor out = new_merge_output(tasks, out_dtype);
+    merge_slice_out(tasks, weights, pruning, election, density, rescale, seed, index_offset,
+                    thresholds, out);
+    return out;
+  }
+
   static at::Tensor magnitude_thresholds(at::TensorList tasks, double density) {
     at::Tensor out = new_thresholds_output(tasks, density);
     std::vector<at::Tensor> contiguous;
@@ -124,6 +137,7 @@ void register_device_ops(torch::Library& m) {
   m.impl("disjoint_merge", &Ops::disjoint_merge);
   m.impl("merge_slice_out", &Ops::merge_slice_out);
   m.impl("magnitude_thresholds", &Ops::magnitude_thresholds);
+  m.impl("merge_with_thresholds", &Ops::merge_with_thresholds);
 }
 
 }  // namespace lorax_merge

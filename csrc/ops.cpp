@@ -31,6 +31,10 @@ TORCH_LIBRARY(lorax_merge, m) {
       "merge_slice_out(Tensor[] tasks, Tensor weights, str pruning, str election, float density, "
       "bool rescale, int seed, int index_offset, Tensor? thresholds, Tensor(a!) out) -> ()");
   m.def("magnitude_thresholds(Tensor[] tasks, float density) -> Tensor");
+  m.def(
+      "merge_with_thresholds(Tensor[] tasks, Tensor weights, str pruning, str election, "
+      "float density, bool rescale, int seed, int index_offset, Tensor? thresholds, "
+      "ScalarType out_dtype) -> Tensor");
 }
 
 }  // namespace lorax_merge

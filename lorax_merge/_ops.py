@@ -73,3 +73,10 @@ def _merge_slice_out_fake(
 @_register_fake("magnitude_thresholds")
 def _magnitude_thresholds_fake(tasks, density):
     return tasks[0].new_empty((len(tasks), 2), dtype=torch.int64)
+
+
+@_register_fake("merge_with_thresholds")
+def _merge_with_thresholds_fake(
+    tasks, weights, pruning, election, density, rescale, seed, index_offset, thresholds, out_dtype
+):
+    return tasks[0].new_empty(tasks[0].shape, dtype=out_dtype)

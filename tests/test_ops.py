@@ -90,3 +90,30 @@ def test_torch_compile_traces_the_ops_without_graph_breaks():
     assert torch.equal(compiled(*tasks, weights), expected)
     other = _tasks(3, (9, 7))
     assert torch.equal(compiled(*other, weights), merged(*other, weights))
+
+
+@pytest.mark.parametrize("strategy", sorted(lorax_merge.strategy_registry))
+def test_merge_with_thresholds_of_slices_is_the_whole_merge(strategy):
+    """The op's own thresholds give merge's bits; slices at their offsets give the same bits."""
+    tasks = _tasks(3, (40, 33))
+    weights = torch.tensor([1.0, 0.5, -0.25])
+    plan = lorax_merge.strategy_table.STRATEGIES[strategy]
+    election = "total" if plan.elects_sign else "none"
+    args = (plan.pruning, election, 0.4, plan.rescale, 17)
+    whole = ops.merge(tasks, weights, *args, torch.float32)
+    thresholds = ops.magnitude_thresholds(tasks, 0.4)
+    same = ops.merge_with_thresholds(tasks, weights, *args, 0, thresholds, torch.float32)
+    assert torch.equal(same.view(torch.int32), whole.view(torch.int32))
+    flat = [t.reshape(-1) for t in tasks]
+    pieces = []
+    for start, stop in ((0, 7), (7, 500), (500, 1320)):  # odd and even offsets
+        piece = [f[start:stop] for f in flat]
+        pieces.append(
+            ops.merge_with_thresholds(piece, weights, *args, start, thresholds, torch.float32)
+        )
+    assert torch.equal(torch.cat(pieces).view(torch.int32), whole.reshape(-1).view(torch.int32))
+    torch.library.opcheck(
+        ops.merge_with_thresholds.default,
+        (tasks, weights, *args, 3, thresholds, torch.float32),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"),
+    )
