@@ -6,6 +6,7 @@ registry.
 """
 
 from . import (
+    _autograd,  # noqa: F401  (registers the derivative formulas of the ops)
     _ops,  # noqa: F401  (registers the ops before anything uses them)
     strategies,
     utils,

@@ -80,3 +80,30 @@ def _merge_with_thresholds_fake(
     tasks, weights, pruning, election, density, rescale, seed, index_offset, thresholds, out_dtype
 ):
     return tasks[0].new_empty(tasks[0].shape, dtype=out_dtype)
+
+
+@_register_fake("merge_backward")
+def _merge_backward_fake(
+    grads,
+    tasks,
+    group_sizes,
+    weights,
+    pruning,
+    election,
+    density,
+    rescale,
+    seeds,
+    index_offset,
+    thresholds,
+    tasks_need_grad,
+    weights_need_grad,
+):
+    task_grads = [t.new_empty(t.shape) for t in tasks] if tasks_need_grad else []
+    count = len(tasks) if weights_need_grad and group_sizes else 0
+    device = tasks[0].device if tasks else weights.device
+    return task_grads, torch.empty((count,), dtype=torch.float64, device=device)
+
+
+@_register_fake("disjoint_merge_backward")
+def _disjoint_merge_backward_fake(grad, mask, dtype):
+    return grad.new_empty(mask.shape, dtype=dtype)

@@ -95,6 +95,10 @@ def merge(
         (bfloat16 tasks with float weights give float32), unless ``out`` or ``out_dtype``
         chooses another. Accumulation is in float32 (float64 when tasks or result are float64).
 
+    The merge is differentiable w.r.t. the task tensors and the weights, with the pruning
+    masks and elected signs held constant (the README's "Gradients"), except with ``out``,
+    which refuses inputs that require grad.
+
     Raises:
         ValueError, TypeError: for bad arguments, with the argument named.
     """
@@ -112,7 +116,17 @@ def merge(
     if out is not None:
         _ops.ops.merge_out(*args, out)
         return out
+    if plan.pruning == "magnitude" and density < 1 and _records_gradient(tasks, w):
+        # Selected once here and saved by autograd, so the backward does not select again.
+        thresholds = _ops.ops.magnitude_thresholds(tasks, density)
+        return _ops.ops.merge_with_thresholds(*args, 0, thresholds, dtype)
     return _ops.ops.merge(*args, dtype)
+
+
+def _records_gradient(tasks: list[torch.Tensor], weights: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (
+        weights.requires_grad or any(t.requires_grad for t in tasks)
+    )
 
 
 def merge_many(

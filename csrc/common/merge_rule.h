@@ -141,4 +141,50 @@ struct MergeAccumulator<acc_t, SignElection::kNone> {
   LM_HOST_DEVICE acc_t result() const { return sum; }
 };
 
+// ---------------------------------------------------------------------------------------
+// Gradients: the upstream expression's (tensor * mask, / density, stack * weights,
+// sum / count), with the keep masks and the elected signs held constant. For one element with
+// incoming gradient g (the merge result's), elected count c and task i (weight w_i, keep bit k_i,
+// election bit e_i, pruned value v_i):
+//   share_i = (g / max(c, 1)) * e_i   the gradient of w_i * v_i (share_i = g without election)
+//   d t_i   = k_i ? r(r(share_i * w_i) / d) : r(share_i * w_i) * 0   DARE with rescale
+//             k_i ? r(share_i * w_i)        : r(share_i * w_i) * 0   otherwise
+//   d w_i  += share_i * v_i
+// where r() rounds to the task dtype: autograd casts the gradient of the task-dtype pruned
+// tensor to that dtype before the division by the density, as the forward rounds x / d. A
+// dropped entry's gradient is multiplied by 0, not replaced by 0, as tensor * mask is.
+
+// The elected share of the incoming gradient (before the election bit).
+template <typename acc_t>
+LM_HOST_DEVICE acc_t elected_share(acc_t g, acc_t count) {
+  return g / (count > acc_t(1) ? count : acc_t(1));
+}
+
+// A task's share: the elected share times its election bit.
+template <typename acc_t>
+LM_HOST_DEVICE acc_t task_share(acc_t share, bool selected) {
+  return share * (selected ? acc_t(1) : acc_t(0));
+}
+
+template <typename scalar_t, typename acc_t>
+LM_HOST_DEVICE scalar_t task_gradient(acc_t share, acc_t w, bool kept, bool rescale,
+                                      acc_t density) {
+  const acc_t grad_v = static_cast<acc_t>(static_cast<scalar_t>(share * w));
+  const acc_t kept_grad = rescale ? grad_v / density : grad_v;
+  return static_cast<scalar_t>(kept ? kept_grad : grad_v * acc_t(0));
+}
+
+template <typename acc_t>
+LM_HOST_DEVICE acc_t weight_gradient_term(acc_t share, acc_t v) {
+  return share * v;
+}
+
+// Gradient of the stacked disjoint merge sum(mask ? x : x * 0) / max(count, 1) w.r.t. one
+// entry: g / max(count, 1) rounded to the stacked dtype, times its mask bit.
+template <typename scalar_t, typename acc_t>
+LM_HOST_DEVICE scalar_t disjoint_merge_gradient(acc_t g, acc_t count, bool selected) {
+  const acc_t share = static_cast<acc_t>(static_cast<scalar_t>(elected_share(g, count)));
+  return static_cast<scalar_t>(task_share(share, selected));
+}
+
 }  // namespace lorax_merge

@@ -1,0 +1,312 @@
+// The fused merge backward on the GPU, and the backward of the stacked disjoint merge.
+//
+// One block of kGradLanes threads per chunk of kGradChunk elements: thread l owns elements
+// l, l + kGradLanes, ... of the chunk (coalesced loads), recomputes every task's keep bit and
+// pruned value from the saved thresholds or the seed, the elected sign and count, writes the
+// task gradients and adds its weight-gradient terms in order; the block folds the lane sums by
+// halving, as the CPU does (weight_grad_sum.h), and a second launch adds the chunk sums in the
+// fixed pairwise tree. No atomics: the bits do not depend on scheduling.
+#include <c10/cuda/CUDAException.h>
+
+#include "../common/counter_rng.h"
+#include "device_utils.cuh"
+#include "grad_launch.h"
+
+namespace lorax_merge {
+namespace cuda {
+namespace {
+
+constexpr int kTreeThreads = 1024;
+
+struct GradParams {
+  const unsigned char* table_device;
+  int64_t groups_offset;
+  int64_t tasks_offset;
+  double* chunk_sums;
+  double density;
+  uint64_t keep_bound;
+  int64_t index_offset;
+  int32_t num_groups;
+  int32_t pruning;
+  int32_t rescale;
+  alignas(16) unsigned char table_inline[kInlineTableBytes];
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t load_as(const void* p, int32_t dtype, int64_t j) {
+  switch (static_cast<Dtype>(dtype)) {
+    case Dtype::kHalf:
+      return static_cast<acc_t>(static_cast<const c10::Half*>(p)[j]);
+    case Dtype::kBFloat16:
+      return static_cast<acc_t>(static_cast<const c10::BFloat16*>(p)[j]);
+    case Dtype::kDouble:
+      return static_cast<acc_t>(static_cast<const double*>(p)[j]);
+    default:
+      return static_cast<acc_t>(static_cast<const float*>(p)[j]);
+  }
+}
+
+// One task's keep rule, resolved once per thread.
+template <typename scalar_t>
+struct TaskKeep {
+  Pruning pruning;
+  MagnitudeThreshold threshold;
+  uint64_t stream_key;
+  uint32_t bound;
+
+  __device__ __forceinline__ TaskKeep(const GradParams& p, const GradTask& task, uint64_t seed,
+                                      int32_t stream) {
+    pruning = static_cast<Pruning>(p.pruning);
+    threshold = pruning == Pruning::kMagnitude ? *task.threshold : keep_everything_threshold(0);
+    stream_key =
+        pruning == Pruning::kRandom ? dare_stream_key(seed, static_cast<uint64_t>(stream)) : 0;
+    bound = static_cast<uint32_t>(p.keep_bound);
+  }
+  // Whether the element at flat index `index` with value x is kept.
+  __device__ __forceinline__ bool keeps(scalar_t x, int64_t index) const {
+    if (pruning == Pruning::kMagnitude) {
+      return threshold.keeps(static_cast<uint64_t>(magnitude_key(x)), index);
+    }
+    if (pruning == Pruning::kRandom) {
+      const uint64_t bits = dare_pair_bits(stream_key, static_cast<uint64_t>(index) >> 1);
+      return static_cast<uint32_t>(bits >> (32 * (index & 1))) < bound;
+    }
+    return true;
+  }
+};
+
+template <typename scalar_t, typename acc_t, SignElection E>
+__global__ void __launch_bounds__(kGradLanes)
+    merge_backward_kernel(const __grid_constant__ GradParams p) {
+  constexpr bool kElects = E != SignElection::kNone;
+  __shared__ acc_t lanes[kGradLanes];
+
+  const unsigned char* table = p.table_device != nullptr ? p.table_device : p.table_inline;
+  const GradGroup* groups = reinterpret_cast<const GradGroup*>(table + p.groups_offset);
+  const GradTask* tasks = reinterpret_cast<const GradTask*>(table + p.tasks_offset);
+  const int64_t block = blockIdx.x;
+  const int gi = find_segment(groups, p.num_groups, block,
+                              [](const GradGroup& group) { return group.block_begin; });
+  const GradGroup group = groups[gi];
+  const int64_t chunk = block - group.block_begin;
+  const int64_t first = chunk * kGradChunk + threadIdx.x;  // this thread's first element
+  const bool rescale = p.rescale != 0 && static_cast<Pruning>(p.pruning) == Pruning::kRandom;
+  const acc_t density = static_cast<acc_t>(static_cast<typename OpMath<scalar_t>::type>(p.density));
+
+  acc_t g[kGradLaneSteps];
+#pragma unroll
+  for (int k = 0; k < kGradLaneSteps; ++k) {
+    const int64_t j = first + k * kGradLanes;
+    g[k] = j < group.numel ? load_as<acc_t>(group.grad, group.grad_dtype, j) : acc_t(0);
+  }
+
+  acc_t share[kGradLaneSteps];
+  bool positive[kGradLaneSteps];
+  if constexpr (kElects) {
+    acc_t score[kGradLaneSteps], pos_count[kGradLaneSteps], neg_count[kGradLaneSteps];
+#pragma unroll
+    for (int k = 0; k < kGradLaneSteps; ++k) score[k] = pos_count[k] = neg_count[k] = acc_t(0);
+    for (int t = 0; t < group.num_tasks; ++t) {
+      const GradTask task = tasks[group.first_task + t];
+      const TaskKeep<scalar_t> keep(p, task, group.seed, t);
+      const scalar_t* x = static_cast<const scalar_t*>(task.data);
+#pragma unroll
+      for (int k = 0; k < kGradLaneSteps; ++k) {
+        const int64_t j = first + k * kGradLanes;
+        if (j >= group.numel) break;
+        const scalar_t xj = x[j];
+        const acc_t v = pruned_value<scalar_t, acc_t>(
+            static_cast<acc_t>(xj), keep.keeps(xj, p.index_offset + j), rescale, density);
+        score[k] += election_term<acc_t, E>(v);
+        pos_count[k] += v > acc_t(0) ? acc_t(1) : acc_t(0);
+        neg_count[k] += v < acc_t(0) ? acc_t(1) : acc_t(0);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kGradLaneSteps; ++k) {
+      positive[k] = majority_is_positive(score[k]);
+      share[k] = elected_share(g[k], positive[k] ? pos_count[k] : neg_count[k]);
+    }
+  }
+
+  const int64_t chunks = grad_chunks(group.numel);
+  for (int t = 0; t < group.num_tasks; ++t) {
+    const GradTask task = tasks[group.first_task + t];
+    const TaskKeep<scalar_t> keep(p, task, group.seed, t);
+    const scalar_t* x = static_cast<const scalar_t*>(task.data);
+    scalar_t* dx = static_cast<scalar_t*>(task.grad);
+    const acc_t w =
+        static_cast<acc_t>(task.weight_device != nullptr ? *task.weight_device : task.weight);
+    acc_t sum = acc_t(0);
+#pragma unroll
+    for (int k = 0; k < kGradLaneSteps; ++k) {
+      const int64_t j = first + k * kGradLanes;
+      if (j >= group.numel) break;
+      const scalar_t xj = x[j];
+      const bool kept = keep.keeps(xj, p.index_offset + j);
+      const acc_t v = pruned_value<scalar_t, acc_t>(static_cast<acc_t>(xj), kept, rescale, density);
+      acc_t s = g[k];
+      if constexpr (kElects) s = task_share(share[k], agrees_with_majority(v, positive[k]));
+      if (dx != nullptr) dx[j] = task_gradient<scalar_t, acc_t>(s, w, kept, rescale, density);
+      sum += weight_gradient_term(s, v);
+    }
+    if (p.chunk_sums != nullptr) {
+      lanes[threadIdx.x] = sum;
+      __syncthreads();
+      for (int s = kGradLanes / 2; s >= 1; s /= 2) {
+        if (threadIdx.x < s) lanes[threadIdx.x] += lanes[threadIdx.x + s];
+        __syncthreads();
+      }
+      if (threadIdx.x == 0) {
+        p.chunk_sums[group.sums_begin + t * chunks + chunk] = static_cast<double>(lanes[0]);
+      }
+      __syncthreads();  // lanes[0] is read before the next task overwrites it
+    }
+  }
+}
+
+// Adds each task's chunk sums in the pairwise tree: one block per group, level by level between
+// the two halves of the scratch (a level reads one half and writes the other).
+__global__ void __launch_bounds__(kTreeThreads)
+    weight_grad_tree_kernel(const __grid_constant__ GradParams p, int64_t total_slots) {
+  const unsigned char* table = p.table_device != nullptr ? p.table_device : p.table_inline;
+  const GradGroup group = reinterpret_cast<const GradGroup*>(table + p.groups_offset)[blockIdx.x];
+  const GradTask* tasks = reinterpret_cast<const GradTask*>(table + p.tasks_offset);
+  const int64_t chunks = grad_chunks(group.numel);
+  for (int t = 0; t < group.num_tasks; ++t) {
+    double* src = p.chunk_sums + group.sums_begin + t * chunks;
+    double* dst = src + total_slots;
+    int64_t n = chunks;
+    while (n > 1) {
+      const int64_t pairs = n / 2;
+      for (int64_t k = threadIdx.x; k < pairs; k += kTreeThreads)
+        dst[k] = src[2 * k] + src[2 * k + 1];
+      if (n % 2 != 0 && threadIdx.x == 0) dst[pairs] = src[n - 1];
+      __syncthreads();
+      double* swap = src;
+      src = dst;
+      dst = swap;
+      n = (n + 1) / 2;
+    }
+    if (threadIdx.x == 0) *tasks[group.first_task + t].weight_grad = n == 0 ? 0.0 : src[0];
+    __syncthreads();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_typed(const GradLaunch& launch, const GradParams& params, cudaStream_t stream) {
+  const unsigned int blocks = static_cast<unsigned int>(launch.num_blocks);
+  switch (launch.election) {
+    case SignElection::kTotal:
+      merge_backward_kernel<scalar_t, acc_t, SignElection::kTotal>
+          <<<blocks, kGradLanes, 0, stream>>>(params);
+      break;
+    case SignElection::kFrequency:
+      merge_backward_kernel<scalar_t, acc_t, SignElection::kFrequency>
+          <<<blocks, kGradLanes, 0, stream>>>(params);
+      break;
+    default:
+      merge_backward_kernel<scalar_t, acc_t, SignElection::kNone>
+          <<<blocks, kGradLanes, 0, stream>>>(params);
+      break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_acc(const GradLaunch& launch, const GradParams& params, cudaStream_t stream) {
+  if (launch.wide_acc) {
+    launch_typed<scalar_t, double>(launch, params, stream);
+  } else {
+    launch_typed<scalar_t, float>(launch, params, stream);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(256)
+    disjoint_merge_backward_kernel(const typename OpMath<scalar_t>::type* __restrict__ grad,
+                                   const bool* __restrict__ mask, scalar_t* __restrict__ out,
+                                   int64_t rows, int64_t positions) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < positions;
+       j += stride) {
+    acc_t count = acc_t(0);
+    for (int64_t i = 0; i < rows; ++i) count += mask[i * positions + j] ? acc_t(1) : acc_t(0);
+    const acc_t g = grad[j];
+    for (int64_t i = 0; i < rows; ++i) {
+      out[i * positions + j] =
+          disjoint_merge_gradient<scalar_t, acc_t>(g, count, mask[i * positions + j]);
+    }
+  }
+}
+
+template <typename scalar_t>
+void disjoint_backward_typed(const void* grad, const bool* mask, void* out, int64_t rows,
+                             int64_t positions, cudaStream_t stream) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  const int64_t wanted = (positions + 255) / 256;
+  const unsigned int blocks = static_cast<unsigned int>(wanted < 65535 * 16 ? wanted : 65535 * 16);
+  disjoint_merge_backward_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
+      static_cast<const acc_t*>(grad), mask, static_cast<scalar_t*>(out), rows, positions);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_merge_backward(const GradLaunch& launch, cudaStream_t stream) {
+  if (launch.num_blocks == 0) return;
+  GradParams params;
+  params.table_device = launch.table_device;
+  params.groups_offset = launch.groups_offset;
+  params.tasks_offset = launch.tasks_offset;
+  params.chunk_sums = launch.chunk_sums;
+  params.density = launch.density;
+  params.keep_bound = launch.keep_bound;
+  params.index_offset = launch.index_offset;
+  params.num_groups = launch.num_groups;
+  params.pruning = static_cast<int32_t>(launch.pruning);
+  params.rescale = launch.rescale;
+  memcpy(params.table_inline, launch.table_inline, sizeof(params.table_inline));
+  switch (launch.task_dtype) {
+    case Dtype::kFloat:
+      launch_acc<float>(launch, params, stream);
+      break;
+    case Dtype::kHalf:
+      launch_acc<c10::Half>(launch, params, stream);
+      break;
+    case Dtype::kBFloat16:
+      launch_acc<c10::BFloat16>(launch, params, stream);
+      break;
+    case Dtype::kDouble:
+      launch_typed<double, double>(launch, params, stream);
+      break;
+  }
+  if (launch.chunk_sums != nullptr) {
+    weight_grad_tree_kernel<<<static_cast<unsigned int>(launch.num_groups), kTreeThreads, 0,
+                              stream>>>(params, launch.total_chunk_slots);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+void launch_disjoint_merge_backward(Dtype dtype, const void* grad, const bool* mask, void* out,
+                                    int64_t rows, int64_t positions, cudaStream_t stream) {
+  if (positions == 0 || rows == 0) return;
+  switch (dtype) {
+    case Dtype::kFloat:
+      disjoint_backward_typed<float>(grad, mask, out, rows, positions, stream);
+      break;
+    case Dtype::kHalf:
+      disjoint_backward_typed<c10::Half>(grad, mask, out, rows, positions, stream);
+      break;
+    case Dtype::kBFloat16:
+      disjoint_backward_typed<c10::BFloat16>(grad, mask, out, rows, positions, stream);
+      break;
+    case Dtype::kDouble:
+      disjoint_backward_typed<double>(grad, mask, out, rows, positions, stream);
+      break;
+  }
+}
+
+}  // namespace cuda
+}  // namespace lorax_merge

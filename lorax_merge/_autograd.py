@@ -1,0 +1,249 @@
+"""Derivative formulas of the compiled ops, registered with ``torch.library.register_autograd``.
+
+The gradient is the upstream expression's (``tensor * mask``, ``/ density``, ``stack * weights``,
+``sum / count``) with the pruning masks, DARE masks and elected signs held constant:
+
+* ``d out / d t_i = w_i * keep_i * scale * elect_i / count``
+* ``d out / d w_i = sum over elements of g * v_i * elect_i / count``
+
+where ``v_i`` is the pruned (and rescaled) task value, ``scale`` is ``1/density`` for DARE's
+rescale and 1 otherwise, and ``count`` is the elected count (1 without election). The backward
+of a merge is one fused kernel (``merge_backward``) that recomputes the masks from the magnitude
+thresholds and the seed; nothing the size of a task is saved but the inputs themselves.
+
+``merge_out`` (no derivative: it raises when an input requires grad, as torch's out= ops do),
+``majority_sign_mask`` and ``magnitude_thresholds`` (bool and int outputs) have Autograd kernels
+in C++ (``csrc/grad_ops.cpp``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._ops import ops
+
+
+def _unit_weight() -> torch.Tensor:
+    """The weight of a one-task merge (pruning alone)."""
+    return torch.ones(1, dtype=torch.float64)
+
+
+def _prunes_by_magnitude(pruning: str, density: float) -> bool:
+    return pruning == "magnitude" and density < 1
+
+
+def _weight_grad(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The op's float64 weight gradient as the weights' own dtype and device."""
+    return grad.to(device=weights.device, dtype=weights.dtype)
+
+
+def _task_grads(grads: list[torch.Tensor], needs: list[bool]) -> list[torch.Tensor | None]:
+    if not grads:
+        return [None] * len(needs)
+    return [g if need else None for g, need in zip(grads, needs)]
+
+
+def _materialize(grad: torch.Tensor | None, meta: tuple) -> torch.Tensor:
+    """A result's gradient; zeros for a result that did not take part in the loss."""
+    shape, dtype, device = meta
+    return torch.zeros(shape, dtype=dtype, device=device) if grad is None else grad
+
+
+# ------------------------------------------------------------------------------------------ merge
+def _setup_merge(ctx, inputs, output) -> None:
+    tasks, weights, pruning, election, density, rescale, seed, _ = inputs
+    ctx.save_for_backward(*tasks, weights)
+    ctx.params = (pruning, election, density, rescale, seed)
+    ctx.num_tasks = len(tasks)
+
+
+def _merge_backward(ctx, grad):
+    *tasks, weights = ctx.saved_tensors
+    pruning, election, density, rescale, seed = ctx.params
+    needs_tasks, needs_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    thresholds = None
+    if _prunes_by_magnitude(pruning, density):
+        thresholds = ops.magnitude_thresholds(tasks, density)
+    task_grads, weight_grads = ops.merge_backward(
+        [grad],
+        tasks,
+        [len(tasks)],
+        weights,
+        pruning,
+        election,
+        density,
+        rescale,
+        [seed],
+        0,
+        thresholds,
+        any(needs_tasks),
+        needs_weights,
+    )
+    w_grad = _weight_grad(weight_grads, weights) if needs_weights else None
+    return _task_grads(task_grads, needs_tasks), w_grad, None, None, None, None, None, None
+
+
+def _setup_merge_with_thresholds(ctx, inputs, output) -> None:
+    tasks, weights, pruning, election, density, rescale, seed, offset, thresholds, _ = inputs
+    ctx.save_for_backward(*tasks, weights, thresholds)
+    ctx.params = (pruning, election, density, rescale, seed, offset)
+
+
+def _merge_with_thresholds_backward(ctx, grad):
+    *tasks, weights, thresholds = ctx.saved_tensors
+    pruning, election, density, rescale, seed, offset = ctx.params
+    needs_tasks, needs_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if thresholds is None and _prunes_by_magnitude(pruning, density):
+        thresholds = ops.magnitude_thresholds(tasks, density)
+    task_grads, weight_grads = ops.merge_backward(
+        [grad],
+        tasks,
+        [len(tasks)],
+        weights,
+        pruning,
+        election,
+        density,
+        rescale,
+        [seed],
+        offset,
+        thresholds,
+        any(needs_tasks),
+        needs_weights,
+    )
+    w_grad = _weight_grad(weight_grads, weights) if needs_weights else None
+    return (_task_grads(task_grads, needs_tasks), w_grad) + (None,) * 8
+
+
+def _setup_merge_many(ctx, inputs, output) -> None:
+    tasks, group_sizes, weights, pruning, election, density, rescale, seeds, _ = inputs
+    ctx.save_for_backward(*tasks, weights)
+    ctx.params = (list(group_sizes), pruning, election, density, rescale, list(seeds))
+    ctx.out_meta = [(o.shape, o.dtype, o.device) for o in output]
+
+
+def _merge_many_backward(ctx, grads):
+    *tasks, weights = ctx.saved_tensors
+    group_sizes, pruning, election, density, rescale, seeds = ctx.params
+    needs_tasks, needs_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    thresholds = None
+    if _prunes_by_magnitude(pruning, density) and tasks:
+        thresholds = _group_thresholds(tasks, group_sizes, density)
+    grads = [_materialize(g, meta) for g, meta in zip(grads, ctx.out_meta)]
+    task_grads, weight_grads = ops.merge_backward(
+        grads,
+        tasks,
+        group_sizes,
+        weights,
+        pruning,
+        election,
+        density,
+        rescale,
+        seeds,
+        0,
+        thresholds,
+        any(needs_tasks),
+        needs_weights,
+    )
+    w_grad = _weight_grad(weight_grads, weights) if needs_weights else None
+    return (_task_grads(task_grads, needs_tasks), None, w_grad) + (None,) * 6
+
+
+def _group_thresholds(tasks: list[torch.Tensor], group_sizes: list[int], density: float):
+    """Every group's magnitude thresholds (a group's tensors share one shape and dtype)."""
+    parts, offset = [], 0
+    for size in group_sizes:
+        parts.append(ops.magnitude_thresholds(tasks[offset : offset + size], density))
+        offset += size
+    return torch.cat(parts)
+
+
+# -------------------------------------------------------------------------------------- pruning
+def _setup_magnitude_prune(ctx, inputs, output) -> None:
+    x, density = inputs
+    ctx.save_for_backward(x)
+    ctx.density = density
+
+
+def _magnitude_prune_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    if ctx.density >= 1:
+        return grad, None
+    thresholds = ops.magnitude_thresholds([x], ctx.density)
+    (grad_x,), _ = ops.merge_backward(
+        [grad],
+        [x],
+        [1],
+        _unit_weight(),
+        "magnitude",
+        "none",
+        ctx.density,
+        False,
+        [0],
+        0,
+        thresholds,
+        True,
+        False,
+    )
+    return grad_x, None
+
+
+def _setup_random_prune(ctx, inputs, output) -> None:
+    _, density, rescale, seed, stream = inputs
+    ctx.params = (density, rescale, seed, stream)
+
+
+def _random_prune_backward(ctx, grad):
+    # The mask depends only on (seed, stream, index), and the gradient of a kept entry is
+    # grad / density rounded as the forward rounds x / density: the same op, applied to grad.
+    return ops.random_prune(grad, *ctx.params), None, None, None, None
+
+
+# ------------------------------------------------------------------------------ disjoint merge
+def _setup_disjoint_merge(ctx, inputs, output) -> None:
+    stacked, mask = inputs
+    ctx.save_for_backward(mask)
+    ctx.dtype = stacked.dtype
+
+
+def _disjoint_merge_backward(ctx, grad):
+    (mask,) = ctx.saved_tensors
+    return ops.disjoint_merge_backward(grad, mask, ctx.dtype), None
+
+
+def _setup_disjoint_merge_grad(ctx, inputs, output) -> None:
+    _, mask, _ = inputs
+    ctx.save_for_backward(mask)
+
+
+def _disjoint_merge_grad_backward(ctx, grad):
+    # The backward is linear in its gradient: mask_i * g / count, whose transpose is the
+    # disjoint merge itself.
+    (mask,) = ctx.saved_tensors
+    return ops.disjoint_merge(grad, mask), None, None
+
+
+# ------------------------------------------------------------------------------- the backward
+def _setup_merge_grad(ctx, inputs, output) -> None:
+    pass
+
+
+def _merge_grad_backward(ctx, *grads):
+    raise NotImplementedError(
+        "lorax_merge: second derivatives of a merge are not implemented (the backward of "
+        "merge_backward); differentiate the merge once"
+    )
+
+
+_FORMULAS = {
+    "merge": (_merge_backward, _setup_merge),
+    "merge_with_thresholds": (_merge_with_thresholds_backward, _setup_merge_with_thresholds),
+    "merge_many": (_merge_many_backward, _setup_merge_many),
+    "magnitude_prune": (_magnitude_prune_backward, _setup_magnitude_prune),
+    "random_prune": (_random_prune_backward, _setup_random_prune),
+    "disjoint_merge": (_disjoint_merge_backward, _setup_disjoint_merge),
+    "disjoint_merge_backward": (_disjoint_merge_grad_backward, _setup_disjoint_merge_grad),
+    "merge_backward": (_merge_grad_backward, _setup_merge_grad),
+}
+
+for _name, (_backward, _setup) in _FORMULAS.items():
+    torch.library.register_autograd(f"lorax_merge::{_name}", _backward, setup_context=_setup)

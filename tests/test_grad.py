@@ -1,0 +1,571 @@
+"""Gradients: every op differentiates like the upstream expressions, with the masks constant.
+
+* ``gradcheck`` in float64 on tie-free inputs (the masks are locally constant there);
+* the gradients equal those of the eager upstream expression (``grad_reference.py``) with our
+  masks, in every dtype: task gradients bit for bit, weight gradients up to the order of one sum;
+  NaN and Inf as the expression gives them;
+* the same bits from two backward passes and for any thread count;
+* ``opcheck`` with its autograd-registration test for every op;
+* clear refusals where no gradient is defined.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICES
+from grad_reference import reference_gradients, weight_gradient_tolerance
+from helpers import (
+    ALL_DTYPES,
+    ELECTING_STRATEGIES,
+    RANDOM_STRATEGIES,
+    STRATEGIES,
+    make_tasks,
+    merge_kwargs,
+    tie_free,
+)
+from reference import magnitude_keep_mask
+
+import lorax_merge
+from lorax_merge import strategy_registry, utils
+
+ops = torch.ops.lorax_merge
+SEED = 7
+
+
+def _leaves(tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns, with every NaN made one pattern (a NaN's sign and payload are not promised)."""
+    t = t.detach().cpu().contiguous()
+    t = torch.where(torch.isnan(t), torch.full_like(t, math.nan), t)
+    view = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
+    return t.view(view)
+
+
+def assert_same_bits(got: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    assert got.dtype == expected.dtype, f"{what}: dtype {got.dtype} != {expected.dtype}"
+    assert got.shape == expected.shape, f"{what}: shape {got.shape} != {expected.shape}"
+    differ = _bits(got) != _bits(expected)
+    if bool(differ.any()):
+        i = int(torch.nonzero(differ.reshape(-1))[0])
+        g, e = (
+            got.detach().cpu().reshape(-1)[i].item(),
+            expected.detach().cpu().reshape(-1)[i].item(),
+        )
+        raise AssertionError(
+            f"{what}: {int(differ.sum())} elements differ, first [{i}]: {g!r} != {e!r}"
+        )
+
+
+def assert_close_nan_aware(got, expected, tol, what=""):
+    got, expected = got.detach().cpu().double(), expected.detach().cpu().double()
+    assert torch.equal(torch.isnan(got), torch.isnan(expected)), f"{what}: NaN positions differ"
+    inf = torch.isinf(expected)
+    assert torch.equal(got[inf], expected[inf]), f"{what}: infinities differ"
+    finite = torch.isfinite(expected)
+    diff = (got - expected).abs()[finite]
+    assert bool((diff <= tol.cpu().double()[finite]).all()), (
+        f"{what}: {got} != {expected} (tol {tol})"
+    )
+
+
+def _merge_grads(tasks, weights, grad_out, strategy, density, method="total", **kw):
+    tasks, w = _leaves(tasks), weights.detach().clone().requires_grad_(True)
+    out = lorax_merge.merge(tasks, w, strategy, **merge_kwargs(strategy, density, method), **kw)
+    out.backward(grad_out.to(out.dtype))
+    return [t.grad for t in tasks], w.grad, out
+
+
+# ------------------------------------------------------------------------------------- gradcheck
+def _tie_free_tasks(n=3, shape=(4, 5), seed=0):
+    return [
+        tie_free(shape, torch.float64, seed=seed * 10 + i).requires_grad_(True) for i in range(n)
+    ]
+
+
+def _gradcheck_methods(strategy):
+    return ["total", "frequency"] if strategy in ELECTING_STRATEGIES else ["total"]
+
+
+@pytest.mark.parametrize("density", [0.5, 1.0])
+@pytest.mark.parametrize(
+    "strategy, method", [(s, m) for s in STRATEGIES for m in _gradcheck_methods(s)]
+)
+def test_gradcheck_merge(strategy, method, density):
+    tasks = _tie_free_tasks()
+    w = torch.tensor([0.7, -1.3, 0.4], dtype=torch.float64, requires_grad=True)
+    kw = merge_kwargs(strategy, density, method, seed=SEED)
+
+    def merged(*args):
+        return lorax_merge.merge(list(args[:-1]), args[-1], strategy, **kw)
+
+    assert torch.autograd.gradcheck(merged, (*tasks, w))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gradcheck_raw_op_and_strategy_classes(strategy):
+    """The op called directly (its backward selects the thresholds again) and the classes."""
+    tasks = _tie_free_tasks(seed=1)
+    w = torch.tensor([0.5, 1.5, -0.75], dtype=torch.float64, requires_grad=True)
+    strategy_obj = strategy_registry[strategy](density=0.4, seed=SEED)
+    plan = lorax_merge.strategy_table.STRATEGIES[strategy]
+    election = "total" if plan.elects_sign else "none"
+
+    def raw(*args):
+        return ops.merge(
+            list(args[:-1]),
+            args[-1],
+            plan.pruning,
+            election,
+            0.4,
+            plan.rescale,
+            SEED,
+            torch.float64,
+        )
+
+    assert torch.autograd.gradcheck(raw, (*tasks, w))
+    assert torch.autograd.gradcheck(lambda *a: strategy_obj.merge(list(a[:-1]), a[-1]), (*tasks, w))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gradcheck_merge_many(strategy):
+    groups = [_tie_free_tasks(2, (3, 4), seed=2), _tie_free_tasks(3, (7,), seed=3)]
+    shared = torch.tensor([0.9, -0.4], dtype=torch.float64, requires_grad=True)
+    per_group = torch.tensor([0.3, 1.1, -0.6], dtype=torch.float64, requires_grad=True)
+    kw = merge_kwargs(strategy, 0.5, seed=SEED)
+
+    def merged(a0, a1, b0, b1, b2, w_shared, w_group):
+        first = lorax_merge.merge_many([[a0, a1]], w_shared, strategy=strategy, **kw)
+        both = lorax_merge.merge_many(
+            [[a0, a1], [b0, b1, b2]], [w_shared, w_group], strategy=strategy, **kw
+        )
+        return first[0], both[0], both[1]
+
+    assert torch.autograd.gradcheck(merged, (*groups[0], *groups[1], shared, per_group))
+
+
+def test_gradcheck_utils():
+    x = tie_free((5, 6), torch.float64, seed=4).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: utils.prune(t, 0.4, "magnitude"), (x,))
+    assert torch.autograd.gradcheck(
+        lambda t: utils.prune(t, 0.4, "random", rescale=True, seed=3, stream=2), (x,)
+    )
+    stacked = torch.stack(_tie_free_tasks(4, (3, 5), seed=5)).detach().requires_grad_(True)
+    mask = utils.calculate_majority_sign_mask(stacked.detach())
+    assert torch.autograd.gradcheck(lambda s: utils.disjoint_merge(s, mask), (stacked,))
+    assert torch.autograd.gradgradcheck(lambda s: utils.disjoint_merge(s, mask), (stacked,))
+
+
+# ------------------------------------------------------------------------ the eager reference
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gradients_equal_the_upstream_expression(device, strategy, dtype, density):
+    tasks = make_tasks(3, (9, 14), dtype, "normal", seed=11, device=device)
+    weights = torch.tensor([0.8, -1.7, 0.35], device=device)
+    grad_out = torch.randn(9, 14, generator=torch.Generator().manual_seed(3)).to(device)
+    kw = merge_kwargs(strategy, density, seed=SEED)
+    task_grads, w_grad, _ = _merge_grads(tasks, weights, grad_out, strategy, density)
+    ref_tasks, ref_w = reference_gradients(
+        tasks, weights, grad_out, strategy, density, seed=kw.get("seed")
+    )
+    for i, (got, ref) in enumerate(zip(task_grads, ref_tasks)):
+        assert_same_bits(got, ref, f"{strategy} {dtype} task {i}")
+    tol = weight_gradient_tolerance(tasks, weights, grad_out, strategy, density, kw.get("seed"))
+    assert_close_nan_aware(w_grad, ref_w, tol, f"{strategy} {dtype} weights")
+
+
+@pytest.mark.parametrize("method", ["total", "frequency"])
+@pytest.mark.parametrize("strategy", sorted(ELECTING_STRATEGIES))
+def test_elected_gradients_with_ties_and_float64_weights(device, strategy, method):
+    """Tie-heavy bf16 values (sign sums of zero, equal magnitudes) and float64 weights."""
+    tasks = make_tasks(5, (16, 24), torch.bfloat16, "tie_heavy", seed=12, device=device)
+    weights = torch.tensor([1.0, -0.5, 2.0, 0.25, -1.5], dtype=torch.float64, device=device)
+    grad_out = torch.randn(16, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    task_grads, w_grad, out = _merge_grads(
+        tasks, weights, grad_out.to(device), strategy, 0.6, method
+    )
+    assert out.dtype == torch.float64
+    ref_tasks, ref_w = reference_gradients(
+        tasks, weights, grad_out.to(device), strategy, 0.6, method, seed=SEED
+    )
+    for got, ref in zip(task_grads, ref_tasks):
+        assert_same_bits(got, ref, f"{strategy} {method}")
+    tol = weight_gradient_tolerance(tasks, weights, grad_out, strategy, 0.6, SEED)
+    assert_close_nan_aware(w_grad, ref_w, tol, f"{strategy} {method} weights")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_nan_and_inf_as_the_upstream_expression(device, strategy, dtype):
+    tasks = make_tasks(3, (6, 8), dtype, "normal", seed=13, device=device)
+    tasks[0][0, 0], tasks[1][0, 1], tasks[2][2, 3] = math.inf, -math.inf, math.nan
+    tasks[1][5, 7] = math.nan
+    weights = torch.tensor([0.5, 1.25, -2.0], device=device)
+    grad_out = torch.randn(6, 8, generator=torch.Generator().manual_seed(5)).to(device)
+    grad_out[3, 3] = math.inf
+    task_grads, w_grad, _ = _merge_grads(tasks, weights, grad_out, strategy, 0.5)
+    ref_tasks, ref_w = reference_gradients(tasks, weights, grad_out, strategy, 0.5, seed=SEED)
+    for i, (got, ref) in enumerate(zip(task_grads, ref_tasks)):
+        assert_same_bits(got, ref, f"{strategy} task {i}")
+    tol = weight_gradient_tolerance(
+        tasks, weights, grad_out.nan_to_num(posinf=0.0), strategy, 0.5, SEED
+    )
+    assert_close_nan_aware(w_grad, ref_w, tol, f"{strategy} weights")
+    assert bool(torch.isnan(ref_w).any()), "the case should make a weight gradient NaN"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_only_the_weights_or_only_the_tasks(strategy):
+    tasks = make_tasks(3, (20, 30), torch.float32, "normal", seed=14)
+    weights = torch.tensor([0.3, 0.9, -0.2])
+    grad_out = torch.randn(20, 30)
+    all_tasks, all_w, _ = _merge_grads(tasks, weights, grad_out, strategy, 0.5)
+    w = weights.clone().requires_grad_(True)
+    lorax_merge.merge(tasks, w, strategy, **merge_kwargs(strategy, 0.5)).backward(grad_out)
+    assert_same_bits(w.grad, all_w)
+    leaves = _leaves(tasks)
+    lorax_merge.merge(
+        [leaves[0], tasks[1], leaves[2]], weights, strategy, **merge_kwargs(strategy, 0.5)
+    ).backward(grad_out)
+    assert tasks[1].grad is None
+    assert_same_bits(leaves[0].grad, all_tasks[0])
+    assert_same_bits(leaves[2].grad, all_tasks[2])
+
+
+def test_weights_on_another_device_and_dtype():
+    tasks = _leaves(make_tasks(2, (5, 5), torch.float16, seed=15))
+    w = torch.tensor([0.5, -0.25], dtype=torch.bfloat16, requires_grad=True)
+    out = lorax_merge.merge(tasks, w, "ties", density=0.6)
+    out.sum().backward()
+    assert w.grad.dtype == torch.bfloat16 and tasks[0].grad.dtype == torch.float16
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_merge_many_gradients_equal_per_group_merges(strategy):
+    groups = [
+        make_tasks(2, (40, 8), torch.float32, seed=16),
+        make_tasks(3, (333,), torch.bfloat16, seed=17),
+    ]
+    w = [torch.tensor([0.4, 1.2]), torch.tensor([0.7, -0.1, 0.5])]
+    kw = merge_kwargs(strategy, 0.5)
+    many_groups = [_leaves(g) for g in groups]
+    many_w = [x.clone().requires_grad_(True) for x in w]
+    outs = lorax_merge.merge_many(
+        many_groups,
+        many_w,
+        strategy=strategy,
+        out_dtype=torch.float32,
+        seed=[SEED, SEED + 1] if "seed" in kw else None,
+        density=kw["density"],
+    )
+    (outs[0].sum() * 2 + outs[1].square().sum()).backward()
+    for g, (group, weights) in enumerate(zip(groups, w)):
+        leaves, wl = _leaves(group), weights.clone().requires_grad_(True)
+        extra = {"seed": SEED + g} if "seed" in kw else {}
+        out = lorax_merge.merge(
+            leaves, wl, strategy, density=kw["density"], out_dtype=torch.float32, **extra
+        )
+        (out.sum() * 2 if g == 0 else out.square().sum()).backward()
+        for a, b in zip(many_groups[g], leaves):
+            assert_same_bits(a.grad, b.grad, f"group {g}")
+        assert_same_bits(many_w[g].grad, wl.grad, f"group {g} weights")
+
+
+def test_prune_gradients_are_the_masked_gradient():
+    x = make_tasks(1, (50, 40), torch.bfloat16, "tie_heavy", seed=18)[0].requires_grad_(True)
+    g = torch.randn(50, 40).to(torch.bfloat16)
+    utils.prune(x, 0.3, "magnitude").backward(g)
+    keep = magnitude_keep_mask(x.detach(), 0.3)
+    assert_same_bits(x.grad, g * keep.to(g.dtype))
+    y = x.detach().clone().requires_grad_(True)
+    utils.prune(y, 0.3, "random", rescale=True, seed=9, stream=4).backward(g)
+    mask = utils.prune(torch.ones_like(y), 0.3, "random", seed=9, stream=4) != 0
+    assert_same_bits(y.grad, (g / 0.3) * mask.to(g.dtype))
+
+
+# ---------------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("strategy", ["ties", "dare_ties", "linear"])
+def test_bit_identical_across_backwards_and_thread_counts(strategy):
+    """Several blocks per thread: the weight sums must not depend on how they are split."""
+    tasks = make_tasks(3, (700, 513), torch.float32, seed=19)
+    weights = torch.tensor([0.6, -1.1, 0.3])
+    grad_out = torch.randn(700, 513, generator=torch.Generator().manual_seed(6))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3, 2):
+            torch.set_num_threads(count)
+            task_grads, w_grad, _ = _merge_grads(tasks, weights, grad_out, strategy, 0.5)
+            results.append((task_grads, w_grad))
+    finally:
+        torch.set_num_threads(threads)
+    for task_grads, w_grad in results[1:]:
+        assert_same_bits(w_grad, results[0][1], f"{strategy} weights")
+        for got, first in zip(task_grads, results[0][0]):
+            assert_same_bits(got, first, f"{strategy} tasks")
+
+
+def test_weight_gradient_is_accurate_on_a_large_tensor():
+    """The tree sum stays close to an exact (float64) sum over 2M terms."""
+    tasks = make_tasks(2, (2_000_003,), torch.float32, seed=20)
+    grad_out = torch.randn(2_000_003, generator=torch.Generator().manual_seed(7))
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    lorax_merge.merge(tasks, w, "linear").backward(grad_out)
+    exact = torch.stack([(grad_out.double() * t.double()).sum() for t in tasks])
+    bound = torch.stack([(grad_out.double() * t.double()).abs().sum() for t in tasks])
+    assert bool(((w.grad.double() - exact).abs() <= 1e-6 * bound).all())
+
+
+# --------------------------------------------------------------------------- registrations
+def _op_samples():
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32, grad=True):
+        return torch.randn(shape, generator=gen).to(dtype).requires_grad_(grad)
+
+    tasks = [rand(6, 7) for _ in range(3)]
+    w = torch.tensor([1.0, -0.5, 0.25], requires_grad=True)
+    thresholds = ops.magnitude_thresholds([t.detach() for t in tasks], 0.5)
+    grads = [torch.randn(6, 7, generator=gen)]
+    stacked = rand(3, 6, 7)
+    mask = stacked.detach() > 0
+    return {
+        "merge": (tasks, w, "magnitude", "total", 0.5, False, 0, torch.float32),
+        "merge_with_thresholds": (
+            tasks,
+            w,
+            "magnitude",
+            "frequency",
+            0.5,
+            False,
+            0,
+            5,
+            thresholds,
+            torch.float32,
+        ),
+        "merge_many": (
+            tasks + [rand(4, dtype=torch.bfloat16)],
+            [3, 1],
+            torch.tensor([1.0, 0.5, 2.0, -1.0], dtype=torch.float64, requires_grad=True),
+            "random",
+            "total",
+            0.4,
+            True,
+            [7, 8],
+            torch.float32,
+        ),
+        "magnitude_prune": (tasks[0], 0.3),
+        "random_prune": (tasks[0], 0.3, True, 11, 2),
+        "majority_sign_mask": (stacked, "frequency"),
+        "disjoint_merge": (stacked, mask),
+        "magnitude_thresholds": (tasks, 0.3),
+        "merge_backward": (
+            grads,
+            tasks,
+            [3],
+            w,
+            "magnitude",
+            "total",
+            0.5,
+            False,
+            [0],
+            0,
+            thresholds,
+            True,
+            True,
+        ),
+        "disjoint_merge_backward": (rand(6, 7), mask, torch.float32),
+    }
+
+
+#: the ops whose backward is not differentiable (a double backward refuses)
+_ONCE_DIFFERENTIABLE = {"merge_backward"}
+
+
+@pytest.mark.parametrize("name", sorted(_op_samples()))
+def test_opcheck_with_autograd_registration(name):
+    sample = _op_samples()[name]
+    tests = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    if name not in _ONCE_DIFFERENTIABLE:
+        tests.append("test_aot_dispatch_dynamic")
+    torch.library.opcheck(getattr(ops, name).default, sample, test_utils=tests)
+
+
+def test_merge_out_refuses_inputs_that_require_grad():
+    tasks = _leaves(make_tasks(2, (4, 4), torch.float32, seed=21))
+    out = torch.empty(4, 4)
+    with pytest.raises(RuntimeError, match="does not support automatic differentiation"):
+        lorax_merge.merge(tasks, [1.0, 2.0], "linear", out=out)
+    with pytest.raises(RuntimeError, match="does not support automatic differentiation"):
+        ops.merge_out(
+            [t.detach() for t in tasks],
+            torch.ones(2, requires_grad=True),
+            "none",
+            "none",
+            1.0,
+            False,
+            0,
+            out,
+        )
+    with torch.no_grad():
+        assert lorax_merge.merge(tasks, [1.0, 2.0], "linear", out=out) is out
+    assert torch.equal(out, tasks[0].detach() + 2 * tasks[1].detach())
+    torch.library.opcheck(
+        ops.merge_out.default,
+        ([t.detach() for t in tasks], torch.ones(2), "none", "none", 1.0, False, 0, out),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_masks_and_thresholds_carry_no_gradient():
+    stacked = torch.randn(3, 5, requires_grad=True)
+    mask = utils.calculate_majority_sign_mask(stacked)
+    assert mask.dtype == torch.bool and not mask.requires_grad
+    thresholds = ops.magnitude_thresholds(list(stacked.unbind(0)), 0.5)
+    assert thresholds.dtype == torch.int64 and not thresholds.requires_grad
+
+
+def test_second_derivative_of_a_merge_refuses_clearly():
+    tasks = _leaves(make_tasks(2, (4, 4), torch.float64, seed=22))
+    w = torch.tensor([0.5, 1.5], dtype=torch.float64, requires_grad=True)
+    out = lorax_merge.merge(tasks, w, "ties", density=0.5)
+    (gw,) = torch.autograd.grad(out.sum(), w, create_graph=True)
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        gw.sum().backward()
+
+
+def test_torch_compile_traces_forward_and_backward():
+    tasks = make_tasks(3, (16, 32), torch.float32, seed=23)
+    w = torch.tensor([1.0, -0.5, 0.75])
+
+    def loss(a, b, c, weights):
+        ties = lorax_merge.merge([a, b, c], weights, "ties", density=0.5)
+        dare = lorax_merge.merge([a, b, c], weights, "dare_linear", density=0.5, seed=5)
+        return (ties * dare).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    eager_in = _leaves(tasks) + [w.clone().requires_grad_(True)]
+    compiled_in = _leaves(tasks) + [w.clone().requires_grad_(True)]
+    loss(*eager_in).backward()
+    compiled(*compiled_in).backward()
+    for a, b in zip(eager_in, compiled_in):
+        assert_same_bits(b.grad, a.grad)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_density_zero_and_empty_tensors(dev):
+    tasks = _leaves(make_tasks(2, (0, 3), torch.float32, seed=24, device=dev))
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    lorax_merge.merge(tasks, w, "ties", density=0.5).sum().backward()
+    assert tasks[0].grad.shape == (0, 3) and torch.equal(w.grad, torch.zeros(2))
+
+
+def test_random_strategies_need_no_mask_memory():
+    """The DARE backward recomputes its masks: RANDOM_STRATEGIES' gradients equal the masked
+    expression for a seed the forward drew itself."""
+    torch.manual_seed(5)
+    tasks = make_tasks(2, (30, 30), torch.float32, seed=25)
+    for strategy in sorted(RANDOM_STRATEGIES):
+        torch.manual_seed(99)
+        seed = lorax_merge.draw_seed()
+        torch.manual_seed(99)
+        leaves = _leaves(tasks)
+        lorax_merge.merge(leaves, [1.0, 0.5], strategy, density=0.5).sum().backward()
+        ref, _ = reference_gradients(
+            tasks, torch.tensor([1.0, 0.5]), torch.ones(30, 30), strategy, 0.5, seed=seed
+        )
+        for got, expected in zip(leaves, ref):
+            assert_same_bits(got.grad, expected, strategy)
+
+
+# --------------------------------------------------------------------------------------- CUDA
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+
+
+def _grads_on(device, tasks, weights, grad_out, strategy, density, weights_device=None, **kw):
+    tasks = _leaves([t.to(device) for t in tasks])
+    w = weights.to(weights_device or device).requires_grad_(True)
+    out = lorax_merge.merge(tasks, w, strategy, **merge_kwargs(strategy, density), **kw)
+    out.backward(grad_out.to(device).to(out.dtype))
+    return [t.grad for t in tasks], w.grad
+
+
+@needs_cuda
+@pytest.mark.parametrize("weights_on", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cuda_gradients_equal_cpu(strategy, dtype, weights_on):
+    """Same bits on both devices, weight gradients included (one summation tree)."""
+    tasks = make_tasks(3, (301, 77), dtype, "normal", seed=30)
+    tasks[1][5, 5] = math.inf
+    weights = torch.tensor([0.8, -1.7, 0.35])
+    grad_out = torch.randn(301, 77, generator=torch.Generator().manual_seed(8))
+    cpu_tasks, cpu_w = _grads_on("cpu", tasks, weights, grad_out, strategy, 0.3)
+    gpu_tasks, gpu_w = _grads_on("cuda", tasks, weights, grad_out, strategy, 0.3, weights_on)
+    assert gpu_w.device.type == weights_on
+    assert_same_bits(gpu_w, cpu_w, f"{strategy} weights")
+    for got, expected in zip(gpu_tasks, cpu_tasks):
+        assert_same_bits(got, expected, f"{strategy} tasks")
+
+
+@needs_cuda
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cuda_merge_many_and_slices_equal_cpu(strategy):
+    groups = [
+        make_tasks(2, (4099,), torch.bfloat16, seed=31),
+        make_tasks(3, (70, 90), torch.float32, seed=32),
+    ]
+    w = torch.tensor([0.4, 1.2, 0.7, -0.1, 0.5], dtype=torch.float64)
+    results = []
+    for device in ("cpu", "cuda"):
+        leaves = [_leaves([t.to(device) for t in g]) for g in groups]
+        wd = w.to(device).requires_grad_(True)
+        outs = lorax_merge.merge_many(
+            leaves,
+            [wd[:2], wd[2:]],
+            strategy=strategy,
+            density=0.4,
+            seed=[5, 6],
+            out_dtype=torch.float32,
+        )
+        (outs[0].sum() + outs[1].square().sum()).backward()
+        thresholds = ops.magnitude_thresholds([t.detach().to(device) for t in groups[1]], 0.4)
+        sliced = _leaves([t.to(device)[10:30] for t in groups[1]])
+        plan = lorax_merge.strategy_table.STRATEGIES[strategy]
+        out = ops.merge_with_thresholds(
+            sliced,
+            wd[2:].detach(),
+            plan.pruning,
+            "total" if plan.elects_sign else "none",
+            0.4,
+            plan.rescale,
+            6,
+            900,
+            thresholds,
+            torch.float32,
+        )
+        out.sum().backward()
+        results.append([t.grad for g in leaves for t in g] + [wd.grad] + [t.grad for t in sliced])
+    for got, expected in zip(results[1], results[0]):
+        assert_same_bits(got, expected, strategy)
+
+
+@needs_cuda
+def test_cuda_backward_does_not_synchronise():
+    tasks = _leaves(make_tasks(3, (256, 256), torch.float32, seed=33, device="cuda"))
+    w = torch.tensor([0.5, 0.3, 0.2], device="cuda", requires_grad=True)
+    grad_out = torch.randn(256, 256, device="cuda")
+    for strategy in STRATEGIES:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = lorax_merge.merge(tasks, w, strategy, **merge_kwargs(strategy, 0.5))
+            out.backward(grad_out)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(w.grad).all()
