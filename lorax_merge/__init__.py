@@ -13,6 +13,7 @@ from . import (
 )
 from .adapters import derive_tensor_seed, merge_adapter_configs, merge_adapters
 from .api import build_info, derive_seed, draw_seed, merge, merge_many
+from .learn import LearnedWeights, learn_weights
 from .strategies import MergeStrategy, strategy_registry
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "derive_seed",
     "derive_tensor_seed",
     "draw_seed",
+    "learn_weights",
     "merge",
     "merge_adapter_configs",
     "merge_adapters",
@@ -30,5 +32,6 @@ __all__ = [
     "strategies",
     "strategy_registry",
     "utils",
+    "LearnedWeights",
     "MergeStrategy",
 ]

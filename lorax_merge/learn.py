@@ -1,0 +1,215 @@
+"""Learning merge weights by gradient descent, with the merge in the loop.
+
+Given N adapters and a small loss on a few batches, :func:`learn_weights` optimises one weight per
+adapter (or one per adapter and module) through the differentiable merge: every step merges the
+adapters with the current weights (any strategy, on the CPU or the GPU), evaluates the user's loss
+on the merged adapter and follows the gradient of that loss with respect to the weights. The
+pruning masks and elected signs are constants of the merge (see the README's "Gradients"), so the
+objective is smooth in the weights for a fixed seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._validation import check_density, check_majority_sign_method, check_seed
+from .adapters import derive_tensor_seed
+from .api import draw_seed, merge_many
+from .strategy_table import STRATEGIES
+
+__all__ = ["LearnedWeights", "learn_weights", "module_name"]
+
+#: ``loss_fn(merged, batch)``: the loss of a merged adapter (tensor name -> tensor) on one batch.
+LossFn = Callable[[dict[str, torch.Tensor], Any], torch.Tensor]
+
+
+def module_name(tensor_name: str) -> str:
+    """The module a LoRA tensor belongs to: its name up to the ``.lora_`` part.
+
+    ``"model.layers.0.self_attn.q_proj.lora_A.weight"`` -> ``"model.layers.0.self_attn.q_proj"``,
+    so a module's ``lora_A`` and ``lora_B`` share one weight. A name without a ``.lora_`` part is
+    its own module.
+    """
+    head, sep, _ = tensor_name.partition(".lora_")
+    return head if sep else tensor_name
+
+
+@dataclass
+class LearnedWeights:
+    """Result of :func:`learn_weights`.
+
+    Attributes:
+        weights: the learned weights: shape ``[N]``, or ``[len(modules), N]`` with one row per
+            module when learned per module. Detached, on the adapters' device, float32.
+        modules: the module of each row of ``weights`` (sorted), or ``()`` for one weight per
+            adapter.
+        losses: the loss of every step, evaluated before that step's update.
+        merged: the adapter merged with the learned weights (tensor name -> tensor).
+        seed: the merge seed used throughout (random strategies), or None.
+    """
+
+    weights: torch.Tensor
+    modules: tuple[str, ...]
+    losses: list[float]
+    merged: dict[str, torch.Tensor] = field(repr=False)
+    seed: int | None
+
+    def weights_of(self, module: str) -> torch.Tensor:
+        """The N weights that merge ``module`` (the shared ones when learned per adapter)."""
+        if not self.modules:
+            return self.weights
+        return self.weights[self.modules.index(module)]
+
+
+class _MergePlan:
+    """The adapters' tensors grouped by name, ready for one ``merge_many`` call per step."""
+
+    def __init__(self, adapters: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        members: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for i, adapter in enumerate(adapters):
+            if not isinstance(adapter, Mapping):
+                raise TypeError(
+                    f"adapters[{i}] is a {type(adapter).__name__}; expected a mapping from "
+                    "tensor name to tensor"
+                )
+            for name, tensor in adapter.items():
+                if not isinstance(tensor, torch.Tensor):
+                    raise TypeError(f"adapters[{i}][{name!r}] is not a tensor")
+                members.setdefault(name, []).append((i, tensor.detach()))
+        if not members:
+            raise ValueError("adapters: no tensors to merge")
+        self.names = sorted(members)
+        self.modules = tuple(sorted({module_name(n) for n in self.names}))
+        row = {m: r for r, m in enumerate(self.modules)}
+        self.rows = [row[module_name(n)] for n in self.names]
+        self.groups = []
+        self.indices = []
+        for name in self.names:
+            dtype = members[name][0][1].dtype
+            for _, t in members[name]:
+                dtype = torch.promote_types(dtype, t.dtype)
+            self.groups.append([t.to(dtype) for _, t in members[name]])
+            self.indices.append(torch.tensor([i for i, _ in members[name]]))
+        self.device = self.groups[0][0].device
+        self.indices = [idx.to(self.device) for idx in self.indices]
+
+    def merge(
+        self, weights: torch.Tensor, per_module: bool, seeds: list[int] | None, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
+        rows = [weights[r] if per_module else weights for r in self.rows]
+        group_weights = [row.index_select(0, idx) for row, idx in zip(rows, self.indices)]
+        merged = merge_many(self.groups, group_weights, seed=seeds, **kwargs)
+        return dict(zip(self.names, merged))
+
+
+def learn_weights(
+    adapters: Sequence[Mapping[str, torch.Tensor]],
+    loss_fn: LossFn,
+    batches: Sequence[Any],
+    *,
+    strategy: str = "linear",
+    density: float = 1.0,
+    majority_sign_method: str = "total",
+    seed: int | None = None,
+    per_module: bool = False,
+    init: torch.Tensor | Sequence[float] | None = None,
+    steps: int = 100,
+    lr: float = 0.05,
+    l1: float = 0.0,
+) -> LearnedWeights:
+    """Learn merge weights that minimise ``loss_fn`` on ``batches``, with the merge in the loop.
+
+    Each step merges the adapters with the current weights (``lorax_merge.merge_many`` over every
+    tensor name, each merged over the adapters that have it, as ``merge_adapters`` does), calls
+    ``loss_fn(merged, batch)`` on the next batch (cycling through ``batches``) and takes one Adam
+    step on the weights. Only the weights are optimised; the adapters are constants.
+
+    Args:
+        adapters: N adapters' state dicts (tensor name -> tensor), all on one device.
+        loss_fn: the loss of a merged adapter on one batch, a scalar tensor. It typically loads
+            ``merged`` into a model (e.g. ``torch.func.functional_call``) and scores the output.
+        batches: the batches, used in turn; ``[None]`` for a loss that needs no data.
+        strategy, density, majority_sign_method: the merge, as in ``lorax_merge.merge``.
+        seed: merge seed of the random strategies; tensor ``name`` uses
+            ``derive_tensor_seed(seed, name)`` at every step, so the DARE masks stay fixed while
+            the weights are learned and ``merged`` equals ``merge_adapters(..., seed=seed)``.
+            None draws one seed for the whole run (reported in the result).
+        per_module: learn one weight per adapter and module (see :func:`module_name`) instead of
+            one per adapter.
+        init: initial weights, N values (shared by every module); default ``1/N`` each.
+        steps: number of optimisation steps.
+        lr: Adam's learning rate.
+        l1: weight of an L1 penalty ``l1 * sum |w|`` added to the loss (LoraHub's regulariser);
+            the reported losses do not include it.
+
+    Returns:
+        A :class:`LearnedWeights` with the weights, the loss history and the merged adapter.
+
+    Raises:
+        ValueError, TypeError: no adapters or batches, bad strategy parameters, ``init`` of the
+            wrong length, or a loss that is not a scalar.
+    """
+    if isinstance(adapters, Mapping) or not isinstance(adapters, Sequence) or not adapters:
+        raise ValueError("adapters: expected a non-empty sequence of state dicts")
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Sequence) or not batches:
+        raise ValueError("batches: expected a non-empty sequence (use [None] for no data)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"strategy: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}"
+        )
+    random = STRATEGIES[strategy].is_random
+    density = check_density(density)
+    majority_sign_method = check_majority_sign_method(majority_sign_method)
+    seed = check_seed(seed)
+    if random and seed is None:
+        seed = draw_seed()
+    count = len(adapters)
+    plan = _MergePlan(adapters)
+
+    start = torch.full((count,), 1.0 / count) if init is None else torch.as_tensor(init)
+    start = start.detach().to(device=plan.device, dtype=torch.float32).reshape(-1)
+    if start.numel() != count:
+        raise ValueError(f"init has {start.numel()} values but there are {count} adapters")
+    if per_module:
+        start = start.repeat(len(plan.modules), 1)
+    weights = torch.nn.Parameter(start.clone())
+    optimizer = torch.optim.Adam([weights], lr=lr)
+    seeds = None
+    if random:
+        seeds = [derive_tensor_seed(seed, name) for name in plan.names]
+    merge_args = dict(
+        per_module=per_module,
+        seeds=seeds,
+        strategy=strategy,
+        density=density,
+        majority_sign_method=majority_sign_method,
+    )
+
+    losses: list[float] = []
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(plan.merge(weights, **merge_args), batches[step % len(batches)])
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn must return a scalar tensor")
+        losses.append(float(loss.detach()))
+        if l1:
+            loss = loss + l1 * weights.abs().sum()
+        loss.backward()
+        optimizer.step()
+
+    learned = weights.detach().clone()
+    with torch.no_grad():
+        merged = plan.merge(learned, **merge_args)
+    return LearnedWeights(
+        weights=learned,
+        modules=plan.modules if per_module else (),
+        losses=losses,
+        merged=merged,
+        seed=seed if random else None,
+    )
