@@ -11,9 +11,9 @@ rescale and 1 otherwise, and ``count`` is the elected count (1 without election)
 of a merge is one fused kernel (``merge_backward``) that recomputes the masks from the magnitude
 thresholds and the seed; nothing the size of a task is saved but the inputs themselves.
 
-``merge_out`` (no derivative: it raises when an input requires grad, as torch's out= ops do),
-``majority_sign_mask`` and ``magnitude_thresholds`` (bool and int outputs) have Autograd kernels
-in C++ (``csrc/grad_ops.cpp``).
+``merge_out`` and ``merge_slice_out`` (no derivative: they raise when an input requires grad, as
+torch's out= ops do), ``majority_sign_mask`` and ``magnitude_thresholds`` (bool and int outputs)
+have Autograd kernels in C++ (``csrc/grad_ops.cpp``).
 """
 
 from __future__ import annotations
@@ -50,102 +50,61 @@ def _materialize(grad: torch.Tensor | None, meta: tuple) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ merge
+def _merges_backward(ctx, grads, tasks, weights, group_sizes, seeds, offset, thresholds):
+    """Gradients of a batch of merges (one group each) w.r.t. the tasks and the weights."""
+    pruning, election, density, rescale = ctx.strategy
+    needs_tasks, needs_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[ctx.weights_index]
+    if thresholds is None and _prunes_by_magnitude(pruning, density) and tasks:
+        thresholds = _group_thresholds(tasks, group_sizes, density)
+    args = (pruning, election, density, rescale, seeds, offset, thresholds)
+    task_grads, weight_grads = ops.merge_backward(
+        grads, tasks, group_sizes, weights, *args, any(needs_tasks), needs_weights
+    )
+    w_grad = _weight_grad(weight_grads, weights) if needs_weights else None
+    return _task_grads(task_grads, needs_tasks), w_grad
+
+
 def _setup_merge(ctx, inputs, output) -> None:
     tasks, weights, pruning, election, density, rescale, seed, _ = inputs
     ctx.save_for_backward(*tasks, weights)
-    ctx.params = (pruning, election, density, rescale, seed)
-    ctx.num_tasks = len(tasks)
+    ctx.strategy, ctx.seed, ctx.weights_index = (pruning, election, density, rescale), seed, 1
 
 
 def _merge_backward(ctx, grad):
     *tasks, weights = ctx.saved_tensors
-    pruning, election, density, rescale, seed = ctx.params
-    needs_tasks, needs_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    thresholds = None
-    if _prunes_by_magnitude(pruning, density):
-        thresholds = ops.magnitude_thresholds(tasks, density)
-    task_grads, weight_grads = ops.merge_backward(
-        [grad],
-        tasks,
-        [len(tasks)],
-        weights,
-        pruning,
-        election,
-        density,
-        rescale,
-        [seed],
-        0,
-        thresholds,
-        any(needs_tasks),
-        needs_weights,
-    )
-    w_grad = _weight_grad(weight_grads, weights) if needs_weights else None
-    return _task_grads(task_grads, needs_tasks), w_grad, None, None, None, None, None, None
+    grads = _merges_backward(ctx, [grad], tasks, weights, [len(tasks)], [ctx.seed], 0, None)
+    return grads + (None,) * 6
 
 
 def _setup_merge_with_thresholds(ctx, inputs, output) -> None:
     tasks, weights, pruning, election, density, rescale, seed, offset, thresholds, _ = inputs
     ctx.save_for_backward(*tasks, weights, thresholds)
-    ctx.params = (pruning, election, density, rescale, seed, offset)
+    ctx.strategy, ctx.seed, ctx.weights_index = (pruning, election, density, rescale), seed, 1
+    ctx.offset = offset
 
 
 def _merge_with_thresholds_backward(ctx, grad):
     *tasks, weights, thresholds = ctx.saved_tensors
-    pruning, election, density, rescale, seed, offset = ctx.params
-    needs_tasks, needs_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if thresholds is None and _prunes_by_magnitude(pruning, density):
-        thresholds = ops.magnitude_thresholds(tasks, density)
-    task_grads, weight_grads = ops.merge_backward(
-        [grad],
-        tasks,
-        [len(tasks)],
-        weights,
-        pruning,
-        election,
-        density,
-        rescale,
-        [seed],
-        offset,
-        thresholds,
-        any(needs_tasks),
-        needs_weights,
-    )
-    w_grad = _weight_grad(weight_grads, weights) if needs_weights else None
-    return (_task_grads(task_grads, needs_tasks), w_grad) + (None,) * 8
+    sizes, seeds = [len(tasks)], [ctx.seed]
+    grads = _merges_backward(ctx, [grad], tasks, weights, sizes, seeds, ctx.offset, thresholds)
+    return grads + (None,) * 8
 
 
 def _setup_merge_many(ctx, inputs, output) -> None:
     tasks, group_sizes, weights, pruning, election, density, rescale, seeds, _ = inputs
     ctx.save_for_backward(*tasks, weights)
-    ctx.params = (list(group_sizes), pruning, election, density, rescale, list(seeds))
+    ctx.strategy, ctx.weights_index = (pruning, election, density, rescale), 2
+    ctx.group_sizes, ctx.seeds = list(group_sizes), list(seeds)
     ctx.out_meta = [(o.shape, o.dtype, o.device) for o in output]
 
 
 def _merge_many_backward(ctx, grads):
     *tasks, weights = ctx.saved_tensors
-    group_sizes, pruning, election, density, rescale, seeds = ctx.params
-    needs_tasks, needs_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    thresholds = None
-    if _prunes_by_magnitude(pruning, density) and tasks:
-        thresholds = _group_thresholds(tasks, group_sizes, density)
     grads = [_materialize(g, meta) for g, meta in zip(grads, ctx.out_meta)]
-    task_grads, weight_grads = ops.merge_backward(
-        grads,
-        tasks,
-        group_sizes,
-        weights,
-        pruning,
-        election,
-        density,
-        rescale,
-        seeds,
-        0,
-        thresholds,
-        any(needs_tasks),
-        needs_weights,
+    task_grads, w_grad = _merges_backward(
+        ctx, grads, tasks, weights, ctx.group_sizes, ctx.seeds, 0, None
     )
-    w_grad = _weight_grad(weight_grads, weights) if needs_weights else None
-    return (_task_grads(task_grads, needs_tasks), None, w_grad) + (None,) * 6
+    return (task_grads, None, w_grad) + (None,) * 6
 
 
 def _group_thresholds(tasks: list[torch.Tensor], group_sizes: list[int], density: float):
@@ -169,21 +128,8 @@ def _magnitude_prune_backward(ctx, grad):
     if ctx.density >= 1:
         return grad, None
     thresholds = ops.magnitude_thresholds([x], ctx.density)
-    (grad_x,), _ = ops.merge_backward(
-        [grad],
-        [x],
-        [1],
-        _unit_weight(),
-        "magnitude",
-        "none",
-        ctx.density,
-        False,
-        [0],
-        0,
-        thresholds,
-        True,
-        False,
-    )
+    args = ("magnitude", "none", ctx.density, False, [0], 0, thresholds, True, False)
+    (grad_x,), _ = ops.merge_backward([grad], [x], [1], _unit_weight(), *args)
     return grad_x, None
 
 

@@ -52,43 +52,74 @@ struct PreparedGrad {
 };
 
 template <typename acc_t>
-void load_grad_tile(const PreparedGrad& m, int64_t base, int64_t len, acc_t* g) {
+void load_grad_tile(const PreparedGrad& m, int64_t base, int64_t len, acc_t* __restrict__ g) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, m.grad_dtype, "lorax_merge_grad_load", [&] {
-        const scalar_t* src = static_cast<const scalar_t*>(m.grad) + base;
+        const scalar_t* __restrict__ src = static_cast<const scalar_t*>(m.grad) + base;
         for (int64_t j = 0; j < len; ++j) g[j] = static_cast<acc_t>(src[j]);
       });
 }
 
-// Keep bits and pruned values of one task over one tile, as the forward computes them.
+// Keep bits (0/1) and pruned values of one task over one tile, as the forward computes them;
+// the comparisons are in the key's own width with the tie cut relative to the tile, so the
+// loops vectorise.
 template <typename scalar_t, typename acc_t>
-void prune_tile(const PreparedGrad& m, int64_t task, const scalar_t* x, int64_t base, int64_t len,
-                acc_t density, bool* kept, acc_t* v) {
+void prune_tile(const PreparedGrad& m, int64_t task, const scalar_t* __restrict__ x, int64_t base,
+                int64_t len, acc_t density, uint8_t* __restrict__ kept, acc_t* __restrict__ v) {
+  using key_t = typename KeyTraits<scalar_t>::key_t;
   const int64_t first = m.index_offset + base;  // flat index of x[0]
   if (m.pruning == Pruning::kMagnitude) {
+    // Keep-nothing ({max key, cut 0}) narrows to {kNaN, 0}: nothing compares above it.
     const MagnitudeThreshold threshold = m.thresholds[task];
-    for (int64_t j = 0; j < len; ++j) {
-      kept[j] = threshold.keeps(static_cast<uint64_t>(magnitude_key(x[j])), first + j);
+    const key_t key = threshold.key > KeyTraits<scalar_t>::kNaN ? KeyTraits<scalar_t>::kNaN
+                                                                : static_cast<key_t>(threshold.key);
+    const int32_t cut = static_cast<int32_t>(std::clamp<int64_t>(threshold.cut - first, 0, len));
+    for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) {
+      const key_t k = magnitude_key(x[j]);
+      kept[j] = static_cast<uint8_t>((k > key) | ((k == key) & (j < cut)));
     }
   } else if (m.pruning == Pruning::kRandom) {
     // Words in pairs from the pair holding `first`; `shift` skips its low word when odd.
     alignas(64) uint32_t words[kTile + 2];
-    const uint64_t key = dare_stream_key(m.seed, static_cast<uint64_t>(task));
+    const uint64_t stream_key = dare_stream_key(m.seed, static_cast<uint64_t>(task));
     const int64_t shift = first & 1;
     const uint64_t first_pair = static_cast<uint64_t>(first) >> 1;
     for (int64_t p = 0; 2 * p < len + shift; ++p) {
-      const uint64_t bits = dare_pair_bits(key, first_pair + static_cast<uint64_t>(p));
+      const uint64_t bits = dare_pair_bits(stream_key, first_pair + static_cast<uint64_t>(p));
       words[2 * p] = static_cast<uint32_t>(bits);
       words[2 * p + 1] = static_cast<uint32_t>(bits >> 32);
     }
     const uint32_t bound = static_cast<uint32_t>(m.keep_bound);
-    for (int64_t j = 0; j < len; ++j) kept[j] = words[j + shift] < bound;
+    const uint32_t* __restrict__ word = words + shift;
+    for (int64_t j = 0; j < len; ++j) kept[j] = static_cast<uint8_t>(word[j] < bound);
   } else {
-    for (int64_t j = 0; j < len; ++j) kept[j] = true;
+    for (int64_t j = 0; j < len; ++j) kept[j] = 1;
   }
   const bool rescale = m.rescale && m.pruning == Pruning::kRandom;
   for (int64_t j = 0; j < len; ++j) {
-    v[j] = pruned_value<scalar_t, acc_t>(static_cast<acc_t>(x[j]), kept[j], rescale, density);
+    v[j] = pruned_value<scalar_t, acc_t>(static_cast<acc_t>(x[j]), kept[j] != 0, rescale, density);
+  }
+}
+
+// The gradient of one task over one tile from its shares s (task_share), keep bits and pruned
+// values: the task gradient (when wanted) and the weight-gradient terms added to the lanes.
+template <typename scalar_t, typename acc_t>
+void task_tile_gradients(const acc_t* __restrict__ s, const uint8_t* __restrict__ kept,
+                         const acc_t* __restrict__ v, int64_t len, acc_t w, bool rescale,
+                         acc_t density, scalar_t* __restrict__ dst, acc_t* __restrict__ lane) {
+  if (dst != nullptr) {
+    if (rescale) {
+      for (int64_t j = 0; j < len; ++j) {
+        dst[j] = task_gradient<scalar_t, acc_t>(s[j], w, kept[j] != 0, true, density);
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        dst[j] = task_gradient<scalar_t, acc_t>(s[j], w, kept[j] != 0, false, density);
+      }
+    }
+  }
+  if (lane != nullptr) {
+    for (int64_t j = 0; j < len; ++j) lane[j] += weight_gradient_term(s[j], v[j]);
   }
 }
 
@@ -99,15 +130,16 @@ void run_grad_blocks(PreparedGrad& m, int64_t block_begin, int64_t block_end) {
   const acc_t density = static_cast<acc_t>(static_cast<typename OpMath<scalar_t>::type>(m.density));
   const bool rescale = m.rescale && m.pruning == Pruning::kRandom;
   const bool task_grads = !m.task_grads.empty();
-  const int64_t tiles_kept = kElects ? n : 1;  // an electing merge keeps every task's tile
-  std::vector<acc_t> values(static_cast<size_t>(tiles_kept * kTile));
-  std::vector<unsigned char> kept_bytes(static_cast<size_t>(tiles_kept * kTile));
-  bool* kept_all = reinterpret_cast<bool*>(kept_bytes.data());
+  // An electing merge keeps every task's tile between its two passes.
+  const int64_t tiles_kept = kElects ? n : 1;
+  std::vector<acc_t> values_buffer(static_cast<size_t>(tiles_kept * kTile));
+  std::vector<uint8_t> kept_buffer(static_cast<size_t>(tiles_kept * kTile));
   std::vector<acc_t> lanes(m.weight_grads ? static_cast<size_t>(n * kGradLanes) : 0);
   std::vector<double> chunk_sums(m.weight_grads ? static_cast<size_t>(n * kGradChunksPerBlock) : 0);
   alignas(64) acc_t g[kTile];
   alignas(64) acc_t share[kTile];
-  alignas(64) bool positive[kTile];
+  alignas(64) acc_t s[kTile];
+  alignas(64) acc_t positive[kTile];  // 1 where the elected sign is +1, else 0
   const int64_t chunks = grad_chunks(m.numel);
 
   for (int64_t block = block_begin; block < block_end; ++block) {
@@ -125,9 +157,9 @@ void run_grad_blocks(PreparedGrad& m, int64_t block_begin, int64_t block_end) {
           alignas(64) acc_t score[kTile], pos_count[kTile], neg_count[kTile];
           for (int64_t j = 0; j < len; ++j) score[j] = pos_count[j] = neg_count[j] = acc_t(0);
           for (int64_t t = 0; t < n; ++t) {
-            acc_t* v = values.data() + t * kTile;
+            acc_t* __restrict__ v = values_buffer.data() + t * kTile;
             prune_tile<scalar_t, acc_t>(m, t, static_cast<const scalar_t*>(m.tasks[t]) + base, base,
-                                        len, density, kept_all + t * kTile, v);
+                                        len, density, kept_buffer.data() + t * kTile, v);
             for (int64_t j = 0; j < len; ++j) {
               score[j] += election_term<acc_t, E>(v[j]);
               pos_count[j] += v[j] > acc_t(0) ? acc_t(1) : acc_t(0);
@@ -135,32 +167,30 @@ void run_grad_blocks(PreparedGrad& m, int64_t block_begin, int64_t block_end) {
             }
           }
           for (int64_t j = 0; j < len; ++j) {
-            positive[j] = majority_is_positive(score[j]);
-            share[j] = elected_share(g[j], positive[j] ? pos_count[j] : neg_count[j]);
+            const bool up = majority_is_positive(score[j]);
+            positive[j] = up ? acc_t(1) : acc_t(0);
+            share[j] = elected_share(g[j], up ? pos_count[j] : neg_count[j]);
           }
         }
         for (int64_t t = 0; t < n; ++t) {
-          acc_t* v = values.data() + (kElects ? t * kTile : 0);
-          bool* kept = kept_all + (kElects ? t * kTile : 0);
-          if constexpr (!kElects) {
+          acc_t* __restrict__ v = values_buffer.data() + (kElects ? t * kTile : 0);
+          uint8_t* __restrict__ kept = kept_buffer.data() + (kElects ? t * kTile : 0);
+          const acc_t* shares = g;
+          if constexpr (kElects) {
+            for (int64_t j = 0; j < len; ++j) {
+              // agrees_with_majority, in a form that vectorises
+              const bool up = positive[j] > acc_t(0);
+              s[j] = task_share(share[j], (up & (v[j] > acc_t(0))) | (!up & (v[j] < acc_t(0))));
+            }
+            shares = s;
+          } else {
             prune_tile<scalar_t, acc_t>(m, t, static_cast<const scalar_t*>(m.tasks[t]) + base, base,
                                         len, density, kept, v);
           }
-          const acc_t w = static_cast<acc_t>(m.weights[t]);
-          alignas(64) acc_t s[kTile];
-          for (int64_t j = 0; j < len; ++j) {
-            s[j] = kElects ? task_share(share[j], agrees_with_majority(v[j], positive[j])) : g[j];
-          }
-          if (task_grads) {
-            scalar_t* dst = static_cast<scalar_t*>(m.task_grads[t]) + base;
-            for (int64_t j = 0; j < len; ++j) {
-              dst[j] = task_gradient<scalar_t, acc_t>(s[j], w, kept[j], rescale, density);
-            }
-          }
-          if (m.weight_grads) {
-            acc_t* lane = lanes.data() + t * kGradLanes;
-            for (int64_t j = 0; j < len; ++j) lane[j] += weight_gradient_term(s[j], v[j]);
-          }
+          task_tile_gradients<scalar_t, acc_t>(
+              shares, kept, v, len, static_cast<acc_t>(m.weights[t]), rescale, density,
+              task_grads ? static_cast<scalar_t*>(m.task_grads[t]) + base : nullptr,
+              m.weight_grads ? lanes.data() + t * kGradLanes : nullptr);
         }
       }
       if (m.weight_grads) {

@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kGradLanes)
   }
 
   acc_t share[kGradLaneSteps];
-  bool positive[kGradLaneSteps];
+  uint32_t positive = 0;  // bit k: the elected sign of element k is +1
   if constexpr (kElects) {
     acc_t score[kGradLaneSteps], pos_count[kGradLaneSteps], neg_count[kGradLaneSteps];
 #pragma unroll
@@ -113,19 +113,21 @@ __global__ void __launch_bounds__(kGradLanes)
 #pragma unroll
       for (int k = 0; k < kGradLaneSteps; ++k) {
         const int64_t j = first + k * kGradLanes;
-        if (j >= group.numel) break;
-        const scalar_t xj = x[j];
-        const acc_t v = pruned_value<scalar_t, acc_t>(
-            static_cast<acc_t>(xj), keep.keeps(xj, p.index_offset + j), rescale, density);
-        score[k] += election_term<acc_t, E>(v);
-        pos_count[k] += v > acc_t(0) ? acc_t(1) : acc_t(0);
-        neg_count[k] += v < acc_t(0) ? acc_t(1) : acc_t(0);
+        if (j < group.numel) {
+          const scalar_t xj = x[j];
+          const acc_t v = pruned_value<scalar_t, acc_t>(
+              static_cast<acc_t>(xj), keep.keeps(xj, p.index_offset + j), rescale, density);
+          score[k] += election_term<acc_t, E>(v);
+          pos_count[k] += v > acc_t(0) ? acc_t(1) : acc_t(0);
+          neg_count[k] += v < acc_t(0) ? acc_t(1) : acc_t(0);
+        }
       }
     }
 #pragma unroll
     for (int k = 0; k < kGradLaneSteps; ++k) {
-      positive[k] = majority_is_positive(score[k]);
-      share[k] = elected_share(g[k], positive[k] ? pos_count[k] : neg_count[k]);
+      const bool up = majority_is_positive(score[k]);
+      positive |= static_cast<uint32_t>(up) << k;
+      share[k] = elected_share(g[k], up ? pos_count[k] : neg_count[k]);
     }
   }
 
@@ -141,14 +143,18 @@ __global__ void __launch_bounds__(kGradLanes)
 #pragma unroll
     for (int k = 0; k < kGradLaneSteps; ++k) {
       const int64_t j = first + k * kGradLanes;
-      if (j >= group.numel) break;
-      const scalar_t xj = x[j];
-      const bool kept = keep.keeps(xj, p.index_offset + j);
-      const acc_t v = pruned_value<scalar_t, acc_t>(static_cast<acc_t>(xj), kept, rescale, density);
-      acc_t s = g[k];
-      if constexpr (kElects) s = task_share(share[k], agrees_with_majority(v, positive[k]));
-      if (dx != nullptr) dx[j] = task_gradient<scalar_t, acc_t>(s, w, kept, rescale, density);
-      sum += weight_gradient_term(s, v);
+      if (j < group.numel) {
+        const scalar_t xj = x[j];
+        const bool kept = keep.keeps(xj, p.index_offset + j);
+        const acc_t v =
+            pruned_value<scalar_t, acc_t>(static_cast<acc_t>(xj), kept, rescale, density);
+        acc_t s = g[k];
+        if constexpr (kElects) {
+          s = task_share(share[k], agrees_with_majority(v, ((positive >> k) & 1u) != 0));
+        }
+        if (dx != nullptr) dx[j] = task_gradient<scalar_t, acc_t>(s, w, kept, rescale, density);
+        sum += weight_gradient_term(s, v);
+      }
     }
     if (p.chunk_sums != nullptr) {
       lanes[threadIdx.x] = sum;
