@@ -10,8 +10,9 @@ from . import (
     strategies,
     utils,
 )
-from .adapters import derive_tensor_seed, merge_adapter_configs, merge_adapters
-from .api import build_info, derive_seed, draw_seed, merge, merge_many
+from .adapters import merge_adapter_configs, merge_adapters
+from .api import build_info, merge, merge_many
+from .seeds import derive_group_seed, derive_seed, derive_tensor_seed, draw_seed
 from .strategies import MergeStrategy, strategy_registry
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "build_info",
+    "derive_group_seed",
     "derive_seed",
     "derive_tensor_seed",
     "draw_seed",

@@ -34,7 +34,8 @@ STRATEGY_PLANS: dict[str, StrategyPlan] = {
 }
 
 
-def _describe(value: object) -> str:
+def describe(value: object) -> str:
+    """``repr(value)``, shortened for an error message."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -42,7 +43,7 @@ def _describe(value: object) -> str:
 def strategy_plan(strategy: object) -> StrategyPlan:
     if not isinstance(strategy, str) or strategy not in STRATEGY_PLANS:
         raise ValueError(
-            f"strategy: unknown strategy {_describe(strategy)}; "
+            f"strategy: unknown strategy {describe(strategy)}; "
             f"expected one of {sorted(STRATEGY_PLANS)}"
         )
     return STRATEGY_PLANS[strategy]
@@ -50,7 +51,7 @@ def strategy_plan(strategy: object) -> StrategyPlan:
 
 def check_density(density: object, arg: str = "density") -> float:
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
-        raise TypeError(f"{arg} must be a real number, got {_describe(density)}")
+        raise TypeError(f"{arg} must be a real number, got {describe(density)}")
     value = float(density)
     if math.isnan(value) or value < 0:
         raise ValueError(f"{arg} must be >= 0, got {value}")
@@ -60,7 +61,7 @@ def check_density(density: object, arg: str = "density") -> float:
 def check_majority_sign_method(method: object) -> str:
     if not isinstance(method, str) or method not in MAJORITY_SIGN_METHODS:
         raise ValueError(
-            f"majority_sign_method: unknown method {_describe(method)}; "
+            f"majority_sign_method: unknown method {describe(method)}; "
             f"expected 'total' or 'frequency'"
         )
     return method
@@ -69,7 +70,7 @@ def check_majority_sign_method(method: object) -> str:
 def check_prune_method(method: object) -> str:
     if not isinstance(method, str) or method not in PRUNE_METHODS:
         raise ValueError(
-            f"method: unknown pruning method {_describe(method)}; expected 'magnitude' or 'random'"
+            f"method: unknown pruning method {describe(method)}; expected 'magnitude' or 'random'"
         )
     return method
 
@@ -134,12 +135,12 @@ def as_weight_tensor(
     else:
         if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
             raise TypeError(
-                f"{arg} must be a 1-D tensor or a sequence of numbers, got {_describe(weights)}"
+                f"{arg} must be a 1-D tensor or a sequence of numbers, got {describe(weights)}"
             )
         values = list(weights)
         for i, v in enumerate(values):
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                raise TypeError(f"{arg}[{i}] must be a real number, got {_describe(v)}")
+                raise TypeError(f"{arg}[{i}] must be a real number, got {describe(v)}")
         w = torch.tensor([float(v) for v in values], dtype=torch.float32)
     if w.numel() != num_tasks:
         raise ValueError(f"{arg} has {w.numel()} entries but there are {num_tasks} task tensors")
@@ -152,7 +153,7 @@ def check_out_dtype(out_dtype: object) -> torch.dtype | None:
     if not isinstance(out_dtype, torch.dtype) or out_dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"out_dtype must be torch.float32, float16, bfloat16 or float64, got "
-            f"{_describe(out_dtype)}"
+            f"{describe(out_dtype)}"
         )
     return out_dtype
 
@@ -185,19 +186,3 @@ def check_out(out: object, task: torch.Tensor) -> torch.Tensor:
     if out.device != task.device:
         raise ValueError(f"out is on {out.device} but the task tensors are on {task.device}")
     return out
-
-
-def check_seed(seed: object, arg: str = "seed") -> int | None:
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{arg} must be an int or None, got {_describe(seed)}")
-    return int(seed)
-
-
-def check_stream(stream: object) -> int:
-    if isinstance(stream, bool) or not isinstance(stream, numbers.Integral):
-        raise TypeError(f"stream must be an int, got {_describe(stream)}")
-    if not 0 <= int(stream) < 2**63:
-        raise ValueError(f"stream must be in [0, 2**63), got {stream}")
-    return int(stream)

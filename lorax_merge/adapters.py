@@ -20,13 +20,14 @@ neither on the order of the dictionary entries nor on the device nor on how the 
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+
+from .seeds import check_seed, derive_tensor_seed, seed_or_drawn
 
 __all__ = [
     "STRATEGIES",
@@ -54,49 +55,12 @@ FLOAT_DTYPES: tuple[torch.dtype, ...] = (
     torch.float64,
 )
 
-#: Largest seed value (seeds are 63-bit non-negative integers).
-MAX_SEED = (1 << 63) - 1
-_SEED_PERSON = b"lorax-merge/seed"  # blake2b personalisation string (16 bytes)
-
 # Tensors of one merge_many call: at most this many groups and about this many bytes of input.
 _CHUNK_GROUPS = 64
 _CHUNK_BYTES = 256 << 20
 
 _A_PARTS = frozenset({"lora_A", "lora_embedding_A"})
 _B_PARTS = frozenset({"lora_B", "lora_embedding_B"})
-
-
-# -------------------------------------------------------------------------------------------- seeds
-def derive_tensor_seed(seed: int, name: str) -> int:
-    """Derive the seed of one tensor from the merge seed and the tensor's name.
-
-    The derivation is stable across processes, platforms and versions of this package::
-
-        digest = blake2b(seed.to_bytes(8, "little") + name.encode("utf-8"),
-                         digest_size=8, person=b"lorax-merge/seed")
-        tensor_seed = int.from_bytes(digest, "little") & (2**63 - 1)
-
-    Args:
-        seed: the merge seed, an integer in ``[0, 2**63 - 1]``.
-        name: the tensor's name in the adapter state dict.
-
-    Returns:
-        A non-negative 63-bit integer.
-
-    Raises:
-        ValueError: if ``seed`` is out of range.
-        TypeError: if ``seed`` is not an integer or ``name`` is not a string.
-    """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}: {seed!r}")
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}: {name!r}")
-    digest = hashlib.blake2b(
-        seed.to_bytes(8, "little") + name.encode("utf-8"), digest_size=8, person=_SEED_PERSON
-    ).digest()
-    return int.from_bytes(digest, "little") & MAX_SEED
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -310,9 +274,7 @@ def _weights_list(weights: Any, count: int) -> tuple[list[float], torch.Tensor |
     return values, None
 
 
-def _check_params(
-    strategy: str, density: float, majority_sign_method: str, seed: int | None
-) -> None:
+def _check_params(strategy: str, density: float, majority_sign_method: str) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(
             f"strategy: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}"
@@ -326,11 +288,6 @@ def _check_params(
             f"majority_sign_method: unknown method {majority_sign_method!r}; "
             "expected 'total' or 'frequency'"
         )
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed: expected an int, got {seed!r}")
-        if not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed: must be in [0, 2**63 - 1], got {seed}")
 
 
 def _collect(
@@ -407,7 +364,8 @@ def merge_adapters(
         strategy: ``linear``, ``ties``, ``dare_linear``, ``dare_ties`` or ``magnitude_prune``.
         density: fraction of each task tensor kept by pruning (ignored by ``linear``).
         majority_sign_method: ``total`` or ``frequency`` (``ties`` and ``dare_ties``).
-        seed: merge seed for the random strategies; tensor ``name`` is merged with
+        seed: merge seed for the random strategies: any int, of which only the value modulo 2**64
+            counts, as in :func:`lorax_merge.merge`; tensor ``name`` is merged with
             ``derive_tensor_seed(seed, name)``.  None draws the merge seed from torch's default CPU
             generator.
         device: where to merge; None keeps every tensor name on the device of its first tensor.
@@ -448,7 +406,8 @@ def merge_adapters(
         raise ValueError("adapters: no adapters to merge")
     labels = _names(names, count)
     weight_values, weight_tensor = _weights_list(weights, count)
-    _check_params(strategy, density, majority_sign_method, seed)
+    _check_params(strategy, density, majority_sign_method)
+    seed = check_seed(seed)
     if weighting not in ("lorax", "peft"):
         raise ValueError(f"weighting: must be 'lorax' or 'peft', got {weighting!r}")
     factor_weights: list[tuple[float, float]] = []
@@ -478,7 +437,7 @@ def merge_adapters(
 
     base_seed = None
     if strategy in RANDOM_STRATEGIES:
-        base_seed = lorax_merge.draw_seed() if seed is None else seed
+        base_seed = seed_or_drawn(seed)
 
     def group_weights(name: str, members: list[tuple[int, torch.Tensor]]) -> Any:
         idx = [i for i, _ in members]

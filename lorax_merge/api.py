@@ -13,43 +13,14 @@ from ._validation import (
     check_majority_sign_method,
     check_out,
     check_out_dtype,
-    check_seed,
     check_task_tensors,
     is_weight_vector,
     result_dtype,
     strategy_plan,
 )
+from .seeds import check_seed, derive_group_seed, op_seed, seed_or_drawn
 
-__all__ = ["merge", "merge_many", "derive_seed", "draw_seed", "build_info"]
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """The seed of group ``index`` when ``merge_many`` is given one seed for all groups.
-
-    ``splitmix64(splitmix64(seed mod 2**64) xor index)``, reduced to [0, 2**63): stable across
-    versions, platforms and devices.
-    """
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)) >> 1
-
-
-def draw_seed() -> int:
-    """A fresh seed from torch's default CPU generator (``torch.manual_seed`` fixes it)."""
-    return int(torch.empty((), dtype=torch.int64).random_().item())
-
-
-def _op_seed(seed: int) -> int:
-    """Any Python int as the op's signed 64-bit seed; the kernels use its 64 bits."""
-    seed &= _MASK64
-    return seed - (1 << 64) if seed >= 1 << 63 else seed
+__all__ = ["merge", "merge_many", "build_info"]
 
 
 def _resolve(strategy: str, density: object, majority_sign_method: object):
@@ -85,7 +56,8 @@ def merge(
         density: fraction of entries kept by pruning; >= 1 prunes nothing, 0 drops everything.
         majority_sign_method: ``"total"`` (sign of the sum of values) or ``"frequency"`` (sign
             of the sum of signs), for the strategies that elect a sign.
-        seed: seed of the random masks (DARE). Task i uses random stream i. ``None`` draws a
+        seed: seed of the random masks (DARE): any int, of which only the value modulo 2**64
+            counts (see ``lorax_merge.seeds``). Task i uses random stream i. ``None`` draws a
             seed from torch's default generator.
         out: optional destination, of the tasks' shape and device; it is returned.
         out_dtype: dtype of the result.
@@ -105,10 +77,10 @@ def merge(
     if out is not None:
         check_out(out, tasks[0])
     dtype = result_dtype(tasks[0], w, out, out_dtype)
-    op_seed = 0
+    kernel_seed = 0
     if plan.pruning == "random" and density < 1:
-        op_seed = _op_seed(draw_seed() if seed is None else seed)
-    args = (tasks, w, plan.pruning, election, density, plan.rescale, op_seed)
+        kernel_seed = op_seed(seed_or_drawn(seed))
+    args = (tasks, w, plan.pruning, election, density, plan.rescale, kernel_seed)
     if out is not None:
         _ops.ops.merge_out(*args, out)
         return out
@@ -136,7 +108,7 @@ def merge_many(
         groups: one sequence of task tensors per group.
         weights: one weights vector for every group (all groups then have the same number of
             tasks), or a sequence with one weights vector per group.
-        seed: one int, from which group g uses ``derive_seed(seed, g)``; or one int per group;
+        seed: one int, from which group g uses ``derive_group_seed(seed, g)``; or one int per group;
             or ``None`` to draw one seed from torch's default generator.
         strategy, density, majority_sign_method, out_dtype: as in ``merge``.
 
@@ -183,15 +155,15 @@ def merge_many(
     if seed is None or not isinstance(seed, Sequence):
         base = check_seed(seed)
         if uses_seed:
-            base = draw_seed() if base is None else base
-            seeds = [_op_seed(derive_seed(base, i)) for i in range(len(groups))]
+            base = seed_or_drawn(base)
+            seeds = [op_seed(derive_group_seed(base, i)) for i in range(len(groups))]
         else:
             seeds = [0] * len(groups)
     else:
         if len(seed) != len(groups):
             raise ValueError(f"seed has {len(seed)} entries but there are {len(groups)} groups")
         checked = [check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
-        seeds = [_op_seed(s) if uses_seed else 0 for s in checked]
+        seeds = [op_seed(seed_or_drawn(s)) if uses_seed else 0 for s in checked]
 
     # One op call per result dtype (usually one).
     by_dtypes: dict[tuple[torch.dtype, torch.dtype], torch.dtype] = {}

@@ -12,8 +12,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ._validation import check_density, check_majority_sign_method, check_seed
+from ._validation import check_density, check_majority_sign_method
 from .api import merge
+from .seeds import check_seed
 
 __all__ = [
     "MergeStrategy",

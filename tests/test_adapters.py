@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -44,31 +43,6 @@ def states():
 
 def members(states, name):
     return [i for i, s in enumerate(states) if name in s]
-
-
-# ------------------------------------------------------------------------------------------ seeds
-@pytest.mark.parametrize("seed", [0, 1, 123456789, 2**63 - 1])
-@pytest.mark.parametrize("name", ["", "base_model.model.q_proj.lora_A.weight", "modül.λ"])
-def test_tensor_seed_follows_the_documented_formula(seed, name):
-    digest = hashlib.blake2b(
-        seed.to_bytes(8, "little") + name.encode("utf-8"), digest_size=8, person=b"lorax-merge/seed"
-    ).digest()
-    assert A.derive_tensor_seed(seed, name) == int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def test_tensor_seeds_differ_between_names_and_seeds():
-    names = [f"layers.{i}.q_proj.lora_{ab}.weight" for i in range(50) for ab in "AB"]
-    seeds = {A.derive_tensor_seed(7, n) for n in names} | {
-        A.derive_tensor_seed(8, n) for n in names
-    }
-    assert len(seeds) == 2 * len(names)
-    assert all(0 <= s < 2**63 for s in seeds)
-
-
-@pytest.mark.parametrize("seed", [-1, 2**63, 1.0, True, "1"])
-def test_tensor_seed_rejects_bad_seeds(seed):
-    with pytest.raises((ValueError, TypeError), match="seed"):
-        A.derive_tensor_seed(seed, "x")
 
 
 # -------------------------------------------------------------------------------- merge_adapters
