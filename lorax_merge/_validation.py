@@ -7,31 +7,17 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from .strategy_table import STRATEGIES, StrategySpec
+
+#: Tensor dtypes the kernels merge, in the order error messages name them.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: Majority sign methods, in the order of the LoRAX server's ``MajoritySignMethod`` enum.
 MAJORITY_SIGN_METHODS = ("total", "frequency")
 PRUNE_METHODS = ("magnitude", "random")
-
-
-@dataclass(frozen=True)
-class StrategyPlan:
-    """Where a strategy sits in (pruning x sign election)."""
-
-    pruning: str  # "none" | "magnitude" | "random"
-    elects_sign: bool
-    rescale: bool
-
-
-STRATEGY_PLANS: dict[str, StrategyPlan] = {
-    "linear": StrategyPlan("none", False, False),
-    "magnitude_prune": StrategyPlan("magnitude", False, False),
-    "ties": StrategyPlan("magnitude", True, False),
-    "dare_linear": StrategyPlan("random", False, True),
-    "dare_ties": StrategyPlan("random", True, True),
-}
+FLOAT_DTYPE_NAMES = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
 
 
 def describe(value: object) -> str:
@@ -40,13 +26,14 @@ def describe(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def strategy_plan(strategy: object) -> StrategyPlan:
-    if not isinstance(strategy, str) or strategy not in STRATEGY_PLANS:
+def check_strategy(strategy: object) -> StrategySpec:
+    """The table row of a strategy name."""
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(
             f"strategy: unknown strategy {describe(strategy)}; "
-            f"expected one of {sorted(STRATEGY_PLANS)}"
+            f"expected one of {', '.join(STRATEGIES)}"
         )
-    return STRATEGY_PLANS[strategy]
+    return STRATEGIES[strategy]
 
 
 def check_density(density: object, arg: str = "density") -> float:
@@ -62,7 +49,7 @@ def check_majority_sign_method(method: object) -> str:
     if not isinstance(method, str) or method not in MAJORITY_SIGN_METHODS:
         raise ValueError(
             f"majority_sign_method: unknown method {describe(method)}; "
-            f"expected 'total' or 'frequency'"
+            f"expected one of {', '.join(MAJORITY_SIGN_METHODS)}"
         )
     return method
 
@@ -78,10 +65,8 @@ def check_prune_method(method: object) -> str:
 def check_float_tensor(t: object, arg: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{arg} has dtype {t.dtype}; supported: float32, float16, bfloat16, float64"
-        )
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{arg} has dtype {t.dtype}; supported: {FLOAT_DTYPE_NAMES}")
     return t
 
 
@@ -150,11 +135,8 @@ def as_weight_tensor(
 def check_out_dtype(out_dtype: object) -> torch.dtype | None:
     if out_dtype is None:
         return None
-    if not isinstance(out_dtype, torch.dtype) or out_dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"out_dtype must be torch.float32, float16, bfloat16 or float64, got "
-            f"{describe(out_dtype)}"
-        )
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {FLOAT_DTYPE_NAMES}, got {describe(out_dtype)}")
     return out_dtype
 
 
@@ -175,10 +157,8 @@ def result_dtype(
 def check_out(out: object, task: torch.Tensor) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"out has dtype {out.dtype}; supported: float32, float16, bfloat16, float64"
-        )
+    if out.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out has dtype {out.dtype}; supported: {FLOAT_DTYPE_NAMES}")
     if out.shape != task.shape:
         raise ValueError(
             f"out has shape {tuple(out.shape)} but the task tensors have shape {tuple(task.shape)}"

@@ -27,11 +27,18 @@ from typing import Any, Literal
 
 import torch
 
+from ._validation import (
+    FLOAT_DTYPE_NAMES,
+    FLOAT_DTYPES,
+    MAJORITY_SIGN_METHODS,
+    check_density,
+    check_majority_sign_method,
+    check_strategy,
+)
 from .seeds import check_seed, derive_tensor_seed, seed_or_drawn
+from .strategy_table import LINEAR, STRATEGIES, strategy_names
 
 __all__ = [
-    "STRATEGIES",
-    "RANDOM_STRATEGIES",
     "derive_tensor_seed",
     "lora_factor",
     "merge_adapter_configs",
@@ -40,20 +47,6 @@ __all__ = [
     "peft_factor_weights",
     "peft_scaling",
 ]
-
-#: Strategy names accepted by :func:`merge_adapters`.
-STRATEGIES: tuple[str, ...] = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-#: Strategies that prune at random and therefore use a seed.
-RANDOM_STRATEGIES: frozenset[str] = frozenset({"dare_linear", "dare_ties"})
-#: Majority sign methods of the sign-electing strategies.
-MAJORITY_SIGN_METHODS: tuple[str, ...] = ("total", "frequency")
-#: Tensor dtypes that can be merged.
-FLOAT_DTYPES: tuple[torch.dtype, ...] = (
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.float64,
-)
 
 # Tensors of one merge_many call: at most this many groups and about this many bytes of input.
 _CHUNK_GROUPS = 64
@@ -274,22 +267,6 @@ def _weights_list(weights: Any, count: int) -> tuple[list[float], torch.Tensor |
     return values, None
 
 
-def _check_params(strategy: str, density: float, majority_sign_method: str) -> None:
-    if strategy not in STRATEGIES:
-        raise ValueError(
-            f"strategy: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}"
-        )
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise TypeError(f"density: expected a number, got {density!r}")
-    if math.isnan(density) or density < 0:
-        raise ValueError(f"density: must be >= 0, got {density!r}")
-    if majority_sign_method not in MAJORITY_SIGN_METHODS:
-        raise ValueError(
-            f"majority_sign_method: unknown method {majority_sign_method!r}; "
-            "expected 'total' or 'frequency'"
-        )
-
-
 def _collect(
     adapters: Sequence[Mapping[str, torch.Tensor]], labels: list[str], device: torch.device | None
 ) -> dict[str, list[tuple[int, torch.Tensor]]]:
@@ -312,7 +289,7 @@ def _collect(
                 raise TypeError(
                     f"adapters: {labels[i]}: tensor {name!r} has dtype "
                     f"{str(tensor.dtype).replace('torch.', '')}; "
-                    "only float32, float16, bfloat16 and float64 tensors can be merged"
+                    f"only {FLOAT_DTYPE_NAMES} tensors can be merged"
                 )
             groups.setdefault(name, []).append((i, tensor))
     result = {}
@@ -337,7 +314,7 @@ def merge_adapters(
     adapters: Sequence[Mapping[str, torch.Tensor]],
     weights: Sequence[float] | torch.Tensor | None = None,
     *,
-    strategy: str = "linear",
+    strategy: str = LINEAR,
     density: float = 1.0,
     majority_sign_method: str = "total",
     seed: int | None = None,
@@ -361,7 +338,7 @@ def merge_adapters(
         weights: one weight per adapter: a sequence of numbers, a 1-D floating-point tensor, or None
             for all ones.  A tensor's dtype takes part in the result dtype as in
             :func:`lorax_merge.merge`.
-        strategy: ``linear``, ``ties``, ``dare_linear``, ``dare_ties`` or ``magnitude_prune``.
+        strategy: a strategy name, as in :func:`lorax_merge.merge`.
         density: fraction of each task tensor kept by pruning (ignored by ``linear``).
         majority_sign_method: ``total`` or ``frequency`` (``ties`` and ``dare_ties``).
         seed: merge seed for the random strategies: any int, of which only the value modulo 2**64
@@ -406,7 +383,9 @@ def merge_adapters(
         raise ValueError("adapters: no adapters to merge")
     labels = _names(names, count)
     weight_values, weight_tensor = _weights_list(weights, count)
-    _check_params(strategy, density, majority_sign_method)
+    spec = check_strategy(strategy)
+    density = check_density(density)
+    check_majority_sign_method(majority_sign_method)
     seed = check_seed(seed)
     if weighting not in ("lorax", "peft"):
         raise ValueError(f"weighting: must be 'lorax' or 'peft', got {weighting!r}")
@@ -419,7 +398,7 @@ def merge_adapters(
             )
         factor_weights = [peft_factor_weights(w, s) for w, s in zip(weight_values, scalings)]
         if count == 1:
-            strategy = "linear"
+            strategy, spec = LINEAR, STRATEGIES[LINEAR]
     if out_dtype is not None and out_dtype != "input" and out_dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"out_dtype: expected None, 'input' or a floating-point dtype, got {out_dtype!r}"
@@ -436,7 +415,7 @@ def merge_adapters(
                 )
 
     base_seed = None
-    if strategy in RANDOM_STRATEGIES:
+    if spec.is_random:
         base_seed = seed_or_drawn(seed)
 
     def group_weights(name: str, members: list[tuple[int, torch.Tensor]]) -> Any:
@@ -474,7 +453,7 @@ def merge_adapters(
                 [[t for _, t in groups[name]] for name in chunk],
                 [group_weights(name, groups[name]) for name in chunk],
                 strategy=strategy,
-                density=float(density),
+                density=density,
                 majority_sign_method=majority_sign_method,
                 seed=None
                 if base_seed is None
@@ -489,8 +468,8 @@ def merge_adapters(
 
 # ----------------------------------------------------------------------------------- LoRAX server
 #: LoRAX's ``MergeStrategy`` and ``MajoritySignMethod`` protobuf enums, in value order.
-LORAX_MERGE_STRATEGIES: tuple[str, ...] = ("linear", "ties", "dare_linear", "dare_ties")
-LORAX_MAJORITY_SIGN_METHODS: tuple[str, ...] = ("total", "frequency")
+LORAX_MERGE_STRATEGIES: tuple[str, ...] = strategy_names(in_server=True)
+LORAX_MAJORITY_SIGN_METHODS: tuple[str, ...] = MAJORITY_SIGN_METHODS
 
 
 def _enum_name(value: Any, names: tuple[str, ...], what: str) -> str:

@@ -13,19 +13,20 @@ from ._validation import (
     check_majority_sign_method,
     check_out,
     check_out_dtype,
+    check_strategy,
     check_task_tensors,
     is_weight_vector,
     result_dtype,
-    strategy_plan,
 )
 from .seeds import check_seed, derive_group_seed, op_seed, seed_or_drawn
+from .strategy_table import LINEAR
 
 __all__ = ["merge", "merge_many", "build_info"]
 
 
 def _resolve(strategy: str, density: object, majority_sign_method: object):
-    plan = strategy_plan(strategy)
-    density = check_density(density) if plan.pruning != "none" else 1.0
+    plan = check_strategy(strategy)
+    density = check_density(density) if plan.uses_density else 1.0
     election = check_majority_sign_method(majority_sign_method) if plan.elects_sign else "none"
     return plan, density, election
 
@@ -33,7 +34,7 @@ def _resolve(strategy: str, density: object, majority_sign_method: object):
 def merge(
     task_tensors: Sequence[torch.Tensor],
     weights: torch.Tensor | Sequence[float],
-    strategy: str = "linear",
+    strategy: str = LINEAR,
     *,
     density: float = 1.0,
     majority_sign_method: str = "total",
@@ -78,7 +79,7 @@ def merge(
         check_out(out, tasks[0])
     dtype = result_dtype(tasks[0], w, out, out_dtype)
     kernel_seed = 0
-    if plan.pruning == "random" and density < 1:
+    if plan.is_random and density < 1:
         kernel_seed = op_seed(seed_or_drawn(seed))
     args = (tasks, w, plan.pruning, election, density, plan.rescale, kernel_seed)
     if out is not None:
@@ -91,7 +92,7 @@ def merge_many(
     groups: Sequence[Sequence[torch.Tensor]],
     weights: torch.Tensor | Sequence[float] | Sequence[torch.Tensor | Sequence[float]],
     *,
-    strategy: str = "linear",
+    strategy: str = LINEAR,
     density: float = 1.0,
     majority_sign_method: str = "total",
     seed: int | Sequence[int] | None = None,
@@ -151,7 +152,7 @@ def merge_many(
             for i, (w, g) in enumerate(zip(weights, groups))
         ]
 
-    uses_seed = plan.pruning == "random" and density < 1
+    uses_seed = plan.is_random and density < 1
     if seed is None or not isinstance(seed, Sequence):
         base = check_seed(seed)
         if uses_seed:
