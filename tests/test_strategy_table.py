@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import lorax_merge
-from lorax_merge import adapters as lorax_server
-from lorax_merge import strategies
+from lorax_merge import lorax_server, strategies
 from lorax_merge.strategy_table import LINEAR, STRATEGIES, strategy_names
 
 ROOT = Path(__file__).resolve().parent.parent
