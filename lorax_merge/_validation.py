@@ -1,6 +1,14 @@
-"""Argument checks of the public API: each bad argument raises ValueError or TypeError
-whose message names the argument and the offending value. All checks read host-side
-metadata only (dtype, shape, device); none reads tensor data or synchronises a GPU."""
+"""Argument conversion and the checks C++ cannot make, for the public API.
+
+The ops check every tensor relation themselves (tasks of one shape, dtype and device; ``out``
+of the tasks' shape and device; one weight per task; ``density >= 0``) for every caller,
+``torch.ops`` and ``torch.compile`` included. Python converts its arguments (sequences of
+numbers to tensors, names to the ops' enums) and checks what the ops cannot see or cannot name
+as the API does: Python types, strategy and method names, each tensor's own dtype (named as
+torch names it), and how ``merge_many`` splits weights and seeds between groups. Each failure
+raises ValueError or TypeError naming the argument and the value. Nothing here reads tensor data
+or synchronises a GPU.
+"""
 
 from __future__ import annotations
 
@@ -63,6 +71,7 @@ def check_prune_method(method: object) -> str:
 
 
 def check_float_tensor(t: object, arg: str) -> torch.Tensor:
+    """A tensor of a dtype the kernels merge (the ops say so too, in c10's dtype names)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
@@ -71,22 +80,14 @@ def check_float_tensor(t: object, arg: str) -> torch.Tensor:
 
 
 def check_task_tensors(task_tensors: object, arg: str = "task_tensors") -> list[torch.Tensor]:
+    """A non-empty sequence of float tensors as a list; the op checks that they agree."""
     if isinstance(task_tensors, torch.Tensor) or not isinstance(task_tensors, Sequence):
         raise TypeError(f"{arg} must be a sequence of tensors, got {type(task_tensors).__name__}")
     tasks = list(task_tensors)
     if not tasks:
         raise ValueError(f"{arg} is empty; at least one tensor is needed")
-    first = check_float_tensor(tasks[0], f"{arg}[0]")
-    for i, t in enumerate(tasks[1:], start=1):
+    for i, t in enumerate(tasks):
         check_float_tensor(t, f"{arg}[{i}]")
-        if t.dtype != first.dtype:
-            raise TypeError(f"{arg}[{i}] has dtype {t.dtype} but {arg}[0] has dtype {first.dtype}")
-        if t.shape != first.shape:
-            raise ValueError(
-                f"{arg}[{i}] has shape {tuple(t.shape)} but {arg}[0] has shape {tuple(first.shape)}"
-            )
-        if t.device != first.device:
-            raise ValueError(f"{arg}[{i}] is on {t.device} but {arg}[0] is on {first.device}")
     return tasks
 
 
@@ -154,15 +155,6 @@ def result_dtype(
     return torch.promote_types(task.dtype, weights.dtype)
 
 
-def check_out(out: object, task: torch.Tensor) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"out has dtype {out.dtype}; supported: {FLOAT_DTYPE_NAMES}")
-    if out.shape != task.shape:
-        raise ValueError(
-            f"out has shape {tuple(out.shape)} but the task tensors have shape {tuple(task.shape)}"
-        )
-    if out.device != task.device:
-        raise ValueError(f"out is on {out.device} but the task tensors are on {task.device}")
-    return out
+def check_out(out: object) -> torch.Tensor:
+    """A float tensor; the op checks its shape and device against the tasks."""
+    return check_float_tensor(out, "out")

@@ -71,12 +71,12 @@ def merge(
     Raises:
         ValueError, TypeError: for bad arguments, with the argument named.
     """
-    tasks = check_task_tensors(task_tensors)
+    tasks = check_task_tensors(task_tensors)  # the op checks that they agree
     plan, density, election = _resolve(strategy, density, majority_sign_method)
     seed = check_seed(seed)
     w = as_weight_tensor(weights, len(tasks), tasks[0].device)
     if out is not None:
-        check_out(out, tasks[0])
+        check_out(out)
     dtype = result_dtype(tasks[0], w, out, out_dtype)
     kernel_seed = 0
     if plan.is_random and density < 1:
@@ -120,17 +120,13 @@ def merge_many(
         raise TypeError(
             f"groups must be a sequence of sequences of tensors, got {type(groups).__name__}"
         )
-    # Per-group dtype, shape and device checks run in the op (host metadata only); here
-    # only what the op cannot see: the structure of the arguments.
-    groups = [_group_tensors(g, i) for i, g in enumerate(groups)]
+    # The op checks each group's tensors against each other and that all share one device.
+    groups = [check_task_tensors(g, f"groups[{i}]") for i, g in enumerate(groups)]
     if not groups:
         return []
     plan, density, election = _resolve(strategy, density, majority_sign_method)
     requested = check_out_dtype(out_dtype)
     device = groups[0][0].device
-    for i, g in enumerate(groups):
-        if g[0].device != device:
-            raise ValueError(f"groups[{i}] is on {g[0].device} but groups[0] is on {device}")
 
     shared = is_weight_vector(weights)
     if shared:
@@ -200,20 +196,6 @@ def merge_many(
         for i, o in zip(members, outs):
             results[i] = o
     return results  # type: ignore[return-value]
-
-
-def _group_tensors(group: object, index: int) -> list[torch.Tensor]:
-    if isinstance(group, torch.Tensor) or not isinstance(group, Sequence):
-        raise TypeError(
-            f"groups[{index}] must be a sequence of tensors, got {type(group).__name__}"
-        )
-    tensors = list(group)
-    if not tensors:
-        raise ValueError(f"groups[{index}] is empty; at least one tensor is needed")
-    for j, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"groups[{index}][{j}] must be a torch.Tensor, got {type(t).__name__}")
-    return tensors
 
 
 def build_info() -> dict[str, object]:

@@ -53,9 +53,7 @@ def calculate_majority_sign_mask(tensor: torch.Tensor, method: str = "total") ->
     The majority at each position is +1 where ``sum(x)`` (``"total"``) or ``sum(sign(x))``
     (``"frequency"``) over the N tasks is >= 0, else -1; zeros never match.
     """
-    check_float_tensor(tensor, "tensor")
-    if tensor.dim() == 0:
-        raise ValueError("tensor must be stacked task tensors [N, ...], got a 0-D tensor")
+    check_float_tensor(tensor, "tensor")  # the op checks that it is at least 1-D
     return _ops.ops.majority_sign_mask(tensor, check_majority_sign_method(method))
 
 
