@@ -9,6 +9,7 @@
 // loaded before the first is used, so a thread keeps several loads in flight.
 #include <c10/cuda/CUDAException.h>
 
+#include "../common/canonical_nan.h"
 #include "../common/counter_rng.h"
 #include "device_utils.cuh"
 
@@ -65,7 +66,7 @@ __device__ __forceinline__ void store_result(void* out, int64_t j0, int64_t limi
                                              const acc_t (&r)[N]) {
   out_t v[N];
 #pragma unroll
-  for (int i = 0; i < N; ++i) v[i] = static_cast<out_t>(r[i]);
+  for (int i = 0; i < N; ++i) v[i] = output_value<out_t>(r[i]);
   store_chunk<out_t, N>(static_cast<out_t*>(out), j0, limit, vector, v);
 }
 

@@ -3,6 +3,7 @@
 // sums are formed in the same order.
 #include <c10/cuda/CUDAException.h>
 
+#include "../common/canonical_nan.h"
 #include "device_utils.cuh"
 
 namespace lorax_merge {
@@ -44,7 +45,7 @@ __global__ void __launch_bounds__(kStackedThreads)
     for (int64_t i = 0; i < rows; ++i) {
       mean.add(static_cast<acc_t>(x[i * positions + j]), mask[i * positions + j]);
     }
-    out[j] = mean.result();
+    out[j] = output_value<acc_t>(mean.result());
   }
 }
 
