@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -60,11 +61,26 @@ class TableBuilder {
   std::vector<unsigned char> bytes_;
 };
 
+// Whether work enqueued on `stream` now would be captured into a CUDA graph. On the legacy
+// default stream while another stream of the device captures, CUDA answers
+// cudaErrorStreamCaptureImplicit: work on that stream would join or break that capture, so
+// it counts as capturing.
+bool stream_is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const cudaError_t status = cudaStreamIsCapturing(stream, &capture);
+  if (status == cudaErrorStreamCaptureImplicit) {
+    (void)cudaGetLastError();  // not sticky: clear it, so no later launch check reports it
+    return true;
+  }
+  C10_CUDA_CHECK(status);
+  return capture != cudaStreamCaptureStatusNone;
+}
+
 // Puts a table where the kernel reads it: inside the kernel parameters when it fits
 // (returns nullptr), else in device memory filled by an asynchronous copy from pinned host
-// memory (returns its address; `keep` holds the buffer until the launches are enqueued).
-// The second way cannot be captured in a CUDA graph: the copy would replay from a host
-// buffer that no longer holds the table.
+// memory (returns its address; `keep` holds the buffers until the launches are enqueued).
+// The second way cannot be captured in a CUDA graph (the copy would replay from a host
+// buffer that no longer holds the table), so it is refused during a capture.
 const unsigned char* place_table(const std::vector<unsigned char>& bytes, unsigned char* inline_dst,
                                  const at::Device& device, cudaStream_t stream,
                                  std::vector<at::Tensor>& keep) {
@@ -72,15 +88,19 @@ const unsigned char* place_table(const std::vector<unsigned char>& bytes, unsign
     if (!bytes.empty()) std::memcpy(inline_dst, bytes.data(), bytes.size());
     return nullptr;
   }
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  TORCH_CHECK_VALUE(capture == cudaStreamCaptureStatusNone,
-                    "lorax_merge: this batch needs a ", bytes.size(),
+  TORCH_CHECK_VALUE(!stream_is_capturing(stream), "lorax_merge: this batch needs a ", bytes.size(),
                     "-byte descriptor table, more than the ", kInlineTableBytes,
                     " bytes that travel with a kernel launch, so it cannot be captured in a CUDA "
                     "graph; capture smaller batches (fewer tensors) instead");
   const int64_t n = static_cast<int64_t>(bytes.size());
-  at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  at::Tensor host;
+  {
+    // Allocating pinned memory is an "unsafe" call while another thread captures a graph in
+    // the global mode (PyTorch's default), and would invalidate that capture. In the
+    // thread-local mode this thread's calls ignore other threads' captures.
+    c10::cuda::CUDAStreamCaptureModeGuard mode(cudaStreamCaptureModeThreadLocal);
+    host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  }
   std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
   at::Tensor dev = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(device));
   dev.copy_(host, /*non_blocking=*/true);
@@ -178,9 +198,8 @@ void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vec
 
   std::vector<MergeGroup> groups;
   std::vector<MergeTask> tasks;
-  std::vector<SelectJob> jobs;
+  ThresholdJobTable select_table(task_dtype);
   int64_t blocks = 0;
-  int64_t tiles = 0;
   for (size_t member : members) {
     const MergeRequest& r = *requests[member];
     const int64_t numel = r.numel();
@@ -212,16 +231,13 @@ void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vec
         task.weight = host[i];
       }
       tasks.push_back(task);
-      if (pruning == Pruning::kMagnitude) {
-        jobs.push_back(SelectJob{task.data, numel, k, tiles});
-        tiles += select_tiles(numel);
-      }
+      if (pruning == Pruning::kMagnitude) select_table.add(task.data, numel, k);
     }
     groups.push_back(group);
   }
   if (groups.empty()) return;
   constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK_VALUE(blocks <= kMaxGrid && tiles <= kMaxGrid,
+  TORCH_CHECK_VALUE(blocks <= kMaxGrid && select_table.blocks() <= kMaxGrid,
                     "lorax_merge: the batch is too large for one launch (", blocks, " blocks)");
   TORCH_CHECK_VALUE(tasks.size() <= static_cast<size_t>(kMaxGrid), "lorax_merge: too many tensors");
 
@@ -230,10 +246,10 @@ void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vec
   std::vector<at::Tensor> keep;
   SelectLaunch select;
   MergeLaunch merge;
-  if (!jobs.empty()) {
+  if (!select_table.jobs().empty()) {
     TableBuilder table;
-    table.append(jobs);
-    select.jobs_device = reinterpret_cast<const SelectJob*>(
+    table.append(select_table.jobs());
+    select.jobs_device = reinterpret_cast<const ThresholdJob*>(
         place_table(table.bytes(), select.jobs_inline, device, stream, keep));
   }
   {
@@ -244,18 +260,20 @@ void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vec
   }
 
   MagnitudeThreshold* thresholds = nullptr;
-  if (!jobs.empty()) {
-    const int64_t threshold_bytes = static_cast<int64_t>(jobs.size() * sizeof(MagnitudeThreshold));
+  if (!select_table.jobs().empty()) {
+    const int64_t num_jobs = static_cast<int64_t>(select_table.jobs().size());
+    const int64_t threshold_bytes = num_jobs * static_cast<int64_t>(sizeof(MagnitudeThreshold));
     const int64_t threshold_space = (threshold_bytes + 255) / 256 * 256;
     const int64_t ws_bytes = static_cast<int64_t>(
-        select_workspace_bytes(task_dtype, static_cast<int64_t>(jobs.size()), tiles));
+        select_workspace_bytes(task_dtype, select_table.split_jobs(), select_table.blocks()));
     at::Tensor ws = at::empty({threshold_space + ws_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
     keep.push_back(ws);
     unsigned char* base = static_cast<unsigned char*>(ws.data_ptr());
     thresholds = reinterpret_cast<MagnitudeThreshold*>(base);
     select.dtype = task_dtype;
-    select.num_jobs = static_cast<int32_t>(jobs.size());
-    select.num_tiles = tiles;
+    select.num_jobs = static_cast<int32_t>(num_jobs);
+    select.num_split_jobs = select_table.split_jobs();
+    select.num_blocks = select_table.blocks();
     select.workspace = base + threshold_space;
     select.thresholds = thresholds;
     launch_select(select, stream);
