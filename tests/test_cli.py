@@ -355,7 +355,7 @@ def _case(tmp: Path, name: str):
         tensors = load_tensors(bad)
         tensors[next(iter(tensors))] = torch.ones(8, 64, dtype=torch.int64)
         save_file(tensors, str(st_file))
-        return [good, bad, *strategy], "only floating-point tensors"
+        return [good, bad, *strategy], "has dtype I64, not a floating-point type"
     if name == "same name with different shapes":
         tensors = load_tensors(bad)
         key = next(k for k in tensors if "lora_A" in k)
@@ -370,7 +370,7 @@ def _case(tmp: Path, name: str):
         torch.save(
             {"x.lora_A.weight": torch.ones(2, 2, dtype=torch.int32)}, bad / "adapter_model.bin"
         )
-        return [good, bad, *strategy], "only floating-point tensors"
+        return [good, bad, *strategy], "has dtype int32, not a floating-point type"
     if name == "legacy file with code":
         st_file.unlink()
         with open(bad / "adapter_model.bin", "wb") as handle:
@@ -497,9 +497,9 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert_one_line_error(code, stdout, stderr)
     assert "--overwrite" in stderr
     assert (out / "adapter_model.safetensors").read_bytes() == first
-    (out / "stale.txt").write_text("old")
+    (out / "README.md").write_text("old")  # a file adapter folders carry: replaced too
     merge_ok([a, "-o", out, "--strategy", "linear", "--weights", "2", "--overwrite"])
-    assert not (out / "stale.txt").exists()
+    assert not (out / "README.md").exists()
     assert (out / "adapter_model.safetensors").read_bytes() != first
     assert sorted(os.listdir(tmp_path)) == ["good", "out"]
 

@@ -9,9 +9,10 @@ one line on stderr with exit code 2.  The output folder appears atomically: it i
 hidden temporary folder beside the output and renamed into place once complete, so an interrupted or
 failed run leaves no partial adapter behind.  See ``docs/cli.md``.
 
-Modules: ``command`` (arguments, the run's steps, ``main``), ``inputs`` (reading and validating
-adapter folders), ``output`` (the output folder and its atomic write), ``report`` (provenance,
-summary, progress).
+Modules: ``command`` (arguments, the run's steps, ``main``), ``inputs`` (reading adapter folders),
+``configs`` (checking configurations against each other and their tensors), ``merging`` (the
+merge and its non-finite checks), ``output`` (the output folder and its atomic write),
+``report`` (provenance, summary, progress).
 """
 
 from .command import main

@@ -12,13 +12,14 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ..adapter_configs import merge_adapter_configs, peft_scaling
 from ..strategy_table import LINEAR, STRATEGIES, strategy_names
+from . import configs, merging, report
 from . import output as out_folder
-from . import report
 from .common import (
     CONFIG_NAME,
     PROG,
@@ -31,6 +32,9 @@ from .common import (
     sha256_file,
 )
 from .inputs import Adapter, check_input_dir, load_config, load_tensors
+
+#: Options that take numbers: argparse reads a value like -inf or -1e-3 as an unknown option.
+_NUMBER_OPTIONS = {"--weights": -1, "--density": 1, "--seed": 1}  # -1: any count
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _MAX_SEED = (1 << 63) - 1
@@ -101,8 +105,24 @@ def _parser() -> argparse.ArgumentParser:
         "lora_alpha = r)",
     )  # fmt: skip
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing non-empty output folder"
-    )
+        "--overwrite", action="store_true",
+        help="replace an existing adapter folder (one with adapter_config.json and only the "
+        "files an adapter folder usually holds); any other non-empty folder is refused",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-different-base", action="store_true",
+        help="merge adapters whose base_model_name_or_path differ",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-nonfinite", action="store_true",
+        help="merge inputs holding NaN or infinities and write results holding them "
+        "(refused by default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--average-modules-to-save", action="store_true",
+        help="merge full weights (modules_to_save) by weighted average, unpruned (refused by "
+        "default)",
+    )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
     return parser
 
@@ -114,6 +134,29 @@ def _package_version() -> str:
         return str(lorax_merge.__version__)
     except Exception:  # pragma: no cover - only when the package is broken
         return "unknown"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _shield_negative_numbers(argv: Sequence[str]) -> list[str]:
+    """Prefix a space to negative numbers given to number options (``--weights 1 -inf``), which
+    argparse would read as options; ``float`` and ``int`` ignore the space."""
+    result: list[str] = []
+    wanted = 0
+    for token in argv:
+        if wanted and _is_number(token):
+            result.append(" " + token if token.startswith("-") else token)
+            wanted -= 1 if wanted > 0 else 0
+            continue
+        wanted = _NUMBER_OPTIONS.get(token, 0)
+        result.append(token)
+    return result
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -159,8 +202,19 @@ def _resolve_device(spec: str) -> Any:
 
 
 # -------------------------------------------------------------------------------------------- steps
+def _peft_differences(args: argparse.Namespace, inputs: Sequence[Adapter]) -> list[str]:
+    if args.weighting != "peft" or not inputs[0].config.get("use_rslora"):
+        return []
+    return [
+        "use_rslora is written as false: each adapter's scaling (lora_alpha/sqrt(r) with rsLoRA) "
+        "is folded into the tensors and lora_alpha = r, so the merged adapter must be scaled by "
+        "lora_alpha/r = 1. PEFT's add_weighted_adapter keeps the first adapter's use_rslora: "
+        "true, which scales its result by sqrt(r) once more."
+    ]
+
+
 def _plan(args: argparse.Namespace, inputs: Sequence[Adapter], device: Any) -> report.MergePlan:
-    """Weights, the strategy actually run and its seed."""
+    """Weights, the strategy actually run and its seed, and the options recorded."""
     strategy = args.strategy
     if args.weighting == "peft" and len(inputs) == 1:
         strategy = LINEAR  # PEFT merges a single adapter linearly whatever the strategy
@@ -177,66 +231,46 @@ def _plan(args: argparse.Namespace, inputs: Sequence[Adapter], device: Any) -> r
         seed_given=args.seed is not None,
         dtype=args.dtype,
         device=str(device),
+        allow_different_base=args.allow_different_base,
+        allow_nonfinite=args.allow_nonfinite,
+        average_modules_to_save=args.average_modules_to_save,
+        differences_from_peft=_peft_differences(args, inputs),
     )
 
 
-def _merged_config(args: argparse.Namespace, inputs: Sequence[Adapter]) -> dict[str, Any]:
-    from lorax_merge import adapters as adapter_lib
-
+def _read_configs(args: argparse.Namespace, inputs: Sequence[Adapter]) -> dict[str, Any]:
+    """Read and check every configuration; returns the merged one."""
+    for adapter in inputs:
+        load_config(adapter)
+        configs.check_fields(adapter)
+        configs.check_supported(adapter, args.average_modules_to_save)
+    configs.check_agreement(inputs, args.allow_different_base)
     try:
-        return adapter_lib.merge_adapter_configs(
+        merged = merge_adapter_configs(
             [a.config for a in inputs], [a.shown for a in inputs], weighting=args.weighting
         )
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
+    configs.finish_config(merged, inputs, args.average_modules_to_save)
+    return merged
 
 
 def _peft_scalings(args: argparse.Namespace, inputs: Sequence[Adapter]) -> list[float] | None:
-    from lorax_merge import adapters as adapter_lib
-
     if args.weighting != "peft":
         return None
     try:
-        return [adapter_lib.peft_scaling(a.config, a.shown) for a in inputs]
+        return [peft_scaling(a.config, a.shown) for a in inputs]
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
 
 
-def _merge(
-    plan: report.MergePlan,
-    inputs: Sequence[Adapter],
-    scalings: list[float] | None,
-    device: Any,
-) -> dict[str, Any]:
-    """Merge every tensor; returns the results on the CPU, contiguous."""
-    import torch
-
-    from lorax_merge import adapters as adapter_lib
-
-    total = len({name for a in inputs for name in a.tensors})
-    progress = report.Progress(total, "merging")
-    try:
-        merged = adapter_lib.merge_adapters(
-            [a.tensors for a in inputs],
-            plan.weights,
-            strategy=plan.strategy,
-            density=plan.density,
-            majority_sign_method=plan.majority_sign_method,
-            seed=plan.seed,
-            device=device,
-            out_dtype="input" if plan.dtype == "auto" else getattr(torch, plan.dtype),
-            weighting=plan.weighting,
-            scalings=scalings,
-            names=[a.shown for a in inputs],
-            progress=progress.update,
-        )
-    except (ValueError, TypeError) as exc:
-        raise CliError(one_line(str(exc))) from None
-    finally:
-        progress.close()
+def _read_tensors(args: argparse.Namespace, inputs: Sequence[Adapter]) -> None:
+    """Read and check every adapter's tensors."""
     for adapter in inputs:
-        adapter.tensors = {}
-    return {name: t.detach().to("cpu").contiguous() for name, t in merged.items()}
+        load_tensors(adapter)
+        configs.check_tensors(adapter, args.average_modules_to_save)
+    if not args.allow_nonfinite:
+        merging.check_finite_inputs(inputs)
 
 
 def _write_adapter(
@@ -258,25 +292,24 @@ def _write_adapter(
     out_folder.write_file(folder / PROVENANCE_NAME, json_bytes(provenance))
 
 
-def _run(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+def _run(argv: Sequence[str], guard: out_folder.CommitGuard) -> int:
+    args = _parser().parse_args(_shield_negative_numbers(argv))
     started = time.perf_counter()
     _check_numbers(args)
     device = _resolve_device(args.device)
-    inputs = [Adapter(arg, check_input_dir(arg)) for arg in args.adapters]
-    output = Path(os.path.abspath(args.output))
+    inputs = [Adapter(arg, check_input_dir(arg, i)) for i, arg in enumerate(args.adapters, 1)]
+    output = out_folder.output_path(args.output)
     out_folder.check_output(output, args.output, inputs, args.overwrite)
 
-    for adapter in inputs:
-        load_config(adapter)
-    config = _merged_config(args, inputs)
+    config = _read_configs(args, inputs)
     scalings = _peft_scalings(args, inputs)
-    for adapter in inputs:
-        load_tensors(adapter)
+    _read_tensors(args, inputs)
     plan = _plan(args, inputs, device)
-    tensors = _merge(plan, inputs, scalings, device)
+    tensors = merging.merge(plan, inputs, scalings, device)
+    if not args.allow_nonfinite:
+        merging.check_finite_outputs(tensors, plan, inputs, scalings)
 
-    with out_folder.atomic_output(output, args.output, args.overwrite) as folder:
+    with out_folder.atomic_output(output, args.output, args.overwrite, guard) as folder:
         _write_adapter(folder, plan, inputs, tensors, config)
     elapsed = time.perf_counter() - started
     print(report.summary(plan, inputs, args.output, tensors, config, elapsed))
@@ -284,8 +317,10 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 # --------------------------------------------------------------------------------------------- main
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Terminated()
+def _stop(signum: int) -> NoReturn:
+    if signum == signal.SIGTERM:
+        raise _Terminated()
+    raise KeyboardInterrupt()
 
 
 def _error(message: str) -> None:
@@ -302,18 +337,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lorax-merge`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code.
 
     Exit codes: 0 merged; 2 bad input (one line on stderr); 1 unexpected failure; 130 / 143
-    interrupted / terminated.  With the environment variable ``LORAX_MERGE_TRACEBACK=1`` (or
-    ``true``, ``yes``, ``on``) unexpected errors are re-raised with their traceback.
+    interrupted / terminated before the merged adapter was in place (once it is, the run has
+    succeeded).  With the environment variable ``LORAX_MERGE_TRACEBACK=1`` (or ``true``,
+    ``yes``, ``on``) unexpected errors are re-raised with their traceback.
     """
-    handler_installed = False
-    previous: Callable[..., Any] | int | None = None
+    from .. import _cli_startup
+
+    _cli_startup.release()
+    guard = out_folder.CommitGuard(_stop)
+    previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-        handler_installed = True
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, guard.on_signal)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _run(argv)
+            return _run(sys.argv[1:] if argv is None else list(argv), guard)
     except CliError as exc:
         _error(str(exc))
         return 2
@@ -332,5 +371,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(f"unexpected error: {type(exc).__name__}: {exc}")
         return 1
     finally:
-        if handler_installed:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,6 +35,10 @@ class MergePlan:
     seed_given: bool
     dtype: str
     device: str
+    allow_different_base: bool = False
+    allow_nonfinite: bool = False
+    average_modules_to_save: bool = False
+    differences_from_peft: list[str] = field(default_factory=list)
 
 
 def provenance(
@@ -64,6 +68,10 @@ def provenance(
         "seed_derivation": SEED_DERIVATION if plan.seed is not None else None,
         "dtype": plan.dtype,
         "device": plan.device,
+        "allow_different_base": plan.allow_different_base,
+        "allow_nonfinite": plan.allow_nonfinite,
+        "average_modules_to_save": plan.average_modules_to_save,
+        "differences_from_peft": plan.differences_from_peft,
         "output": {
             "tensors": len(tensors),
             "parameters": sum(t.numel() for t in tensors.values()),
