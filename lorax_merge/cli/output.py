@@ -54,7 +54,9 @@ def _inside(path: str, folder: str) -> bool:
 def _unexpected_entries(folder: Path) -> list[str]:
     """Entries of an existing output folder that an adapter folder does not usually hold."""
     unexpected = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    with os.scandir(folder) as scan:
+        entries = sorted(scan, key=lambda e: e.name)
+    for entry in entries:
         is_file = not entry.is_dir(follow_symlinks=False)
         known = entry.name in _ADAPTER_FILES or _ADAPTER_FILE_PATTERN.fullmatch(entry.name)
         if not (is_file and known):
@@ -190,7 +192,8 @@ def _settle_old_adapter(old: str, replacement_arrived: bool, output: Path | None
 def remove_leftovers(parent: Path) -> None:
     """Tidy what runs that no longer exist left in ``parent`` (see the module's docstring)."""
     try:
-        entries = list(os.scandir(parent))
+        with os.scandir(parent) as scan:
+            entries = list(scan)
     except OSError:
         return
     runs: dict[tuple[str, str], dict[str, str]] = {}
