@@ -93,14 +93,7 @@ const unsigned char* place_table(const std::vector<unsigned char>& bytes, unsign
                     " bytes that travel with a kernel launch, so it cannot be captured in a CUDA "
                     "graph; capture smaller batches (fewer tensors) instead");
   const int64_t n = static_cast<int64_t>(bytes.size());
-  at::Tensor host;
-  {
-    // Allocating pinned memory is an "unsafe" call while another thread captures a graph in
-    // the global mode (PyTorch's default), and would invalidate that capture. In the
-    // thread-local mode this thread's calls ignore other threads' captures.
-    c10::cuda::CUDAStreamCaptureModeGuard mode(cudaStreamCaptureModeThreadLocal);
-    host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  }
+  at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
   at::Tensor dev = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(device));
   dev.copy_(host, /*non_blocking=*/true);
@@ -309,6 +302,11 @@ void run_batch(const std::vector<const MergeRequest*>& requests) {
   const at::Device device = batch_device(requests);
   TORCH_CHECK_VALUE(device.is_cuda(), "lorax_merge: expected CUDA tensors, got ", device);
   c10::cuda::CUDAGuard guard(device);
+  // Allocating pinned or device memory is an "unsafe" call while another thread captures a
+  // graph in the global mode (PyTorch's default), and would invalidate that capture. In the
+  // thread-local mode, this thread's calls ignore other threads' captures (a capture of its
+  // own still forbids them).
+  c10::cuda::CUDAStreamCaptureModeGuard capture_mode(cudaStreamCaptureModeThreadLocal);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const DeviceWeights dw = gather_device_weights(requests);
 
