@@ -331,6 +331,8 @@ void select_into(const std::vector<at::Tensor>& tasks, double density, at::Tenso
   const at::Device device = tasks[0].device();
   TORCH_CHECK_VALUE(device.is_cuda(), "lorax_merge: expected CUDA tensors, got ", device);
   c10::cuda::CUDAGuard guard(device);
+  c10::cuda::CUDAStreamCaptureModeGuard capture_mode(
+      cudaStreamCaptureModeThreadLocal);  // see run_batch
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const int64_t numel = tasks[0].numel();
   const int64_t k = magnitude_keep_count(density, numel);
