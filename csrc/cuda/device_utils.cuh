@@ -13,46 +13,45 @@
 // Runs the callable __VA_ARGS__ (a lambda without parameters) with TYPE naming the C++ type of
 // the Dtype value DTYPE, as AT_DISPATCH_* does for at::ScalarType. Usable in host and device
 // code; every Dtype is handled.
-#define LM_DISPATCH_DTYPE(DTYPE, TYPE, ...)       \
-  [&] {                                           \
-    switch (DTYPE) {                              \
-      case ::lorax_merge::cuda::Dtype::kFloat: {  \
-        using TYPE = float;                       \
-        return __VA_ARGS__();                     \
-      }                                           \
-      case ::lorax_merge::cuda::Dtype::kHalf: {   \
-        using TYPE = ::c10::Half;                 \
-        return __VA_ARGS__();                     \
-      }                                           \
+#define LM_DISPATCH_DTYPE(DTYPE, TYPE, ...)         \
+  [&] {                                             \
+    switch (DTYPE) {                                \
+      case ::lorax_merge::cuda::Dtype::kFloat: {    \
+        using TYPE = float;                         \
+        return __VA_ARGS__();                       \
+      }                                             \
+      case ::lorax_merge::cuda::Dtype::kHalf: {     \
+        using TYPE = ::c10::Half;                   \
+        return __VA_ARGS__();                       \
+      }                                             \
       case ::lorax_merge::cuda::Dtype::kBFloat16: { \
-        using TYPE = ::c10::BFloat16;             \
-        return __VA_ARGS__();                     \
-      }                                           \
-      case ::lorax_merge::cuda::Dtype::kDouble: { \
-        using TYPE = double;                      \
-        return __VA_ARGS__();                     \
-      }                                           \
-    }                                             \
+        using TYPE = ::c10::BFloat16;               \
+        return __VA_ARGS__();                       \
+      }                                             \
+      case ::lorax_merge::cuda::Dtype::kDouble: {   \
+        using TYPE = double;                        \
+        return __VA_ARGS__();                       \
+      }                                             \
+    }                                               \
   }()
 
 // Runs __VA_ARGS__ with NAME a constexpr SignElection equal to ELECTION.
-#define LM_DISPATCH_ELECTION(ELECTION, NAME, ...)                                        \
-  [&] {                                                                                  \
-    switch (ELECTION) {                                                                  \
-      case ::lorax_merge::SignElection::kNone: {                                         \
-        constexpr ::lorax_merge::SignElection NAME = ::lorax_merge::SignElection::kNone; \
-        return __VA_ARGS__();                                                            \
-      }                                                                                  \
-      case ::lorax_merge::SignElection::kTotal: {                                        \
-        constexpr ::lorax_merge::SignElection NAME = ::lorax_merge::SignElection::kTotal; \
-        return __VA_ARGS__();                                                            \
-      }                                                                                  \
-      case ::lorax_merge::SignElection::kFrequency: {                                    \
-        constexpr ::lorax_merge::SignElection NAME =                                     \
-            ::lorax_merge::SignElection::kFrequency;                                     \
-        return __VA_ARGS__();                                                            \
-      }                                                                                  \
-    }                                                                                    \
+#define LM_DISPATCH_ELECTION(ELECTION, NAME, ...)                                             \
+  [&] {                                                                                       \
+    switch (ELECTION) {                                                                       \
+      case ::lorax_merge::SignElection::kNone: {                                              \
+        constexpr ::lorax_merge::SignElection NAME = ::lorax_merge::SignElection::kNone;      \
+        return __VA_ARGS__();                                                                 \
+      }                                                                                       \
+      case ::lorax_merge::SignElection::kTotal: {                                             \
+        constexpr ::lorax_merge::SignElection NAME = ::lorax_merge::SignElection::kTotal;     \
+        return __VA_ARGS__();                                                                 \
+      }                                                                                       \
+      case ::lorax_merge::SignElection::kFrequency: {                                         \
+        constexpr ::lorax_merge::SignElection NAME = ::lorax_merge::SignElection::kFrequency; \
+        return __VA_ARGS__();                                                                 \
+      }                                                                                       \
+    }                                                                                         \
   }()
 
 namespace lorax_merge {

@@ -141,7 +141,8 @@ LM_HOST_DEVICE int64_t select_tiles(int64_t numel) {
 // job order.
 class ThresholdJobTable {
  public:
-  explicit ThresholdJobTable(Dtype dtype) : passes_(make_select_plan(key_bits_of(dtype)).num_passes) {}
+  explicit ThresholdJobTable(Dtype dtype)
+      : passes_(make_select_plan(key_bits_of(dtype)).num_passes) {}
 
   // Appends the job of one tensor; k = magnitude_keep_count(density, numel).
   void add(const void* data, int64_t numel, int64_t k) {
@@ -150,8 +151,8 @@ class ThresholdJobTable {
     const bool trivial = k <= 0 || k >= numel;
     const int64_t tiles = select_tiles(numel);
     const bool one_block = trivial || tiles * passes_ <= kSelectOneBlockTilePasses;
-    jobs_.push_back(ThresholdJob{data, numel, k, static_cast<int32_t>(blocks_),
-                                 one_block ? -1 : split_jobs_});
+    jobs_.push_back(
+        ThresholdJob{data, numel, k, static_cast<int32_t>(blocks_), one_block ? -1 : split_jobs_});
     blocks_ += one_block ? 1 : tiles;
     split_jobs_ += one_block ? 0 : 1;
   }
@@ -169,11 +170,11 @@ class ThresholdJobTable {
 struct SelectLaunch {
   Dtype dtype = Dtype::kFloat;
   int32_t num_jobs = 0;
-  int32_t num_split_jobs = 0;  // jobs with a scratch slot
-  int64_t num_blocks = 0;      // blocks of each launch
+  int32_t num_split_jobs = 0;                 // jobs with a scratch slot
+  int64_t num_blocks = 0;                     // blocks of each launch
   const ThresholdJob* jobs_device = nullptr;  // nullptr: the jobs are in jobs_inline
   alignas(16) unsigned char jobs_inline[kInlineTableBytes];
-  void* workspace = nullptr;  // select_workspace_bytes(...) bytes on the device
+  void* workspace = nullptr;                 // select_workspace_bytes(...) bytes on the device
   MagnitudeThreshold* thresholds = nullptr;  // num_jobs entries on the device (output)
 };
 
@@ -190,7 +191,9 @@ void launch_select(const SelectLaunch& launch, cudaStream_t stream);
 constexpr int kMergeThreads = 256;
 
 // Elements per thread: 8, or 4 when accumulating in double (register budget).
-inline int merge_elems_per_thread(bool wide_acc) { return wide_acc ? 4 : 8; }
+inline int merge_elems_per_thread(bool wide_acc) {
+  return wide_acc ? 4 : 8;
+}
 inline int64_t merge_block_elems(bool wide_acc) {
   return static_cast<int64_t>(kMergeThreads) * merge_elems_per_thread(wide_acc);
 }
@@ -228,7 +231,7 @@ struct MergeLaunch {
   Pruning pruning = Pruning::kNone;  // kNone when nothing is pruned
   int32_t rescale = 0;
   double density = 1.0;
-  uint64_t keep_bound = 0;  // random pruning: keep iff word < keep_bound
+  uint64_t keep_bound = 0;                         // random pruning: keep iff word < keep_bound
   const MagnitudeThreshold* thresholds = nullptr;  // per task, magnitude pruning
   int32_t num_groups = 0;
   int64_t num_blocks = 0;

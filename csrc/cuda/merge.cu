@@ -92,8 +92,8 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
   // j0: this thread's first element in the group's tensors; also its flat index, which the
   // random words and the magnitude tie cut are keyed by (even, as the random words come in
   // pairs).
-  const int64_t j0 =
-      (block - group.block_begin) * (kMergeThreads * kElems) + static_cast<int64_t>(threadIdx.x) * kElems;
+  const int64_t j0 = (block - group.block_begin) * (kMergeThreads * kElems) +
+                     static_cast<int64_t>(threadIdx.x) * kElems;
   if (j0 >= group.numel) return;
   const int64_t first_index = group.index_offset + j0;  // in the sliced tensors
   const bool full = j0 + kElems <= group.numel;
@@ -114,7 +114,8 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
         const MergeTask task = tasks[group.first_task + t0 + u];
         load_chunk<scalar_t, kElems>(static_cast<const scalar_t*>(task.data), j0, group.numel,
                                      vector_loads, raw[u]);
-        weight[u] = static_cast<acc_t>(task.weight_device != nullptr ? *task.weight_device : task.weight);
+        weight[u] =
+            static_cast<acc_t>(task.weight_device != nullptr ? *task.weight_device : task.weight);
       }
     }
 #pragma unroll
@@ -132,12 +133,15 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
 #pragma unroll
         for (int i = 0; i < kElems; ++i) {
           const bool kept = threshold.keeps(magnitude_key(raw[u][i]), i);
-          acc[i].add(pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][i]), kept, false, density), w);
+          acc[i].add(
+              pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][i]), kept, false, density),
+              w);
         }
       } else {
         // One 64-bit draw gives the words of two consecutive elements. j0 is even; a slice
         // at an odd offset (the same for the whole group) starts on a pair's high word.
-        const uint64_t key = dare_stream_key(group.seed, static_cast<uint64_t>(group.first_stream + t));
+        const uint64_t key =
+            dare_stream_key(group.seed, static_cast<uint64_t>(group.first_stream + t));
         const uint32_t bound = static_cast<uint32_t>(p.keep_bound);
         const uint64_t first_pair = static_cast<uint64_t>(first_index >> 1);
         uint32_t words[kElems];
@@ -160,7 +164,8 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
         }
 #pragma unroll
         for (int i = 0; i < kElems; ++i) {
-          acc[i].add(pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][i]), words[i] < bound, rescale, density),
+          acc[i].add(pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][i]), words[i] < bound,
+                                                   rescale, density),
                      w);
         }
       }

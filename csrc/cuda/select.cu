@@ -39,7 +39,8 @@ struct SelectParams {
   MagnitudeThreshold* thresholds;
   alignas(16) unsigned char jobs_inline[kInlineTableBytes];
 };
-static_assert(sizeof(SelectParams) <= kMaxKernelParamBytes, "the selection parameters fit in a launch");
+static_assert(sizeof(SelectParams) <= kMaxKernelParamBytes,
+              "the selection parameters fit in a launch");
 
 constexpr int kScanItems = 2;  // counts per thread and step of a block-wide rank search
 constexpr int kScanStep = kScanItems * kSelectThreads;
@@ -127,7 +128,8 @@ struct DigitFilter {
   template <typename scalar_t>
   __device__ __forceinline__ unsigned int bin_of(scalar_t v) const {
     const uint64_t key = static_cast<uint64_t>(magnitude_key(v));
-    return (key >> high) == want_high ? static_cast<unsigned int>(key >> shift) & digit_mask : kNoBin;
+    return (key >> high) == want_high ? static_cast<unsigned int>(key >> shift) & digit_mask
+                                      : kNoBin;
   }
 };
 
@@ -159,7 +161,8 @@ __device__ __forceinline__ void histogram_tile(unsigned int* hist, const scalar_
       scalar_t v[kUnroll][kVec];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = begin + (static_cast<int64_t>(step + u) * kSelectThreads + threadIdx.x) * kVec;
+        const int64_t i =
+            begin + (static_cast<int64_t>(step + u) * kSelectThreads + threadIdx.x) * kVec;
         load_vector<scalar_t, kVec>(x + i, v[u]);
       }
 #pragma unroll
@@ -214,8 +217,8 @@ __device__ EqualKeySearch find_equal_key(SharedStorage& s, const scalar_t* x, in
 // The whole selection of a small job, in one block: every digit pass over the whole tensor,
 // then the tie cut by a scan in flat order.
 template <typename scalar_t>
-__device__ void select_in_one_block(SharedStorage& s, const SelectPlan& plan, const ThresholdJob& job,
-                                    MagnitudeThreshold* threshold) {
+__device__ void select_in_one_block(SharedStorage& s, const SelectPlan& plan,
+                                    const ThresholdJob& job, MagnitudeThreshold* threshold) {
   const scalar_t* x = static_cast<const scalar_t*>(job.data);
   const int64_t n = job.numel;
   uint64_t prefix = 0;
@@ -228,11 +231,13 @@ __device__ void select_in_one_block(SharedStorage& s, const SelectPlan& plan, co
     __syncthreads();
     const DigitFilter filter(prefix, d);
     for (int64_t begin = 0; begin < n; begin += kSelectTile) {
-      histogram_tile<scalar_t>(s.hist, x, begin, begin + kSelectTile < n ? begin + kSelectTile : n, filter);
+      histogram_tile<scalar_t>(s.hist, x, begin, begin + kSelectTile < n ? begin + kSelectTile : n,
+                               filter);
     }
     __syncthreads();
-    const RankHit hit = block_find_rank(s, bins, static_cast<unsigned long long>(rank),
-                                        [&](long long e) { return static_cast<unsigned long long>(s.hist[bins - 1 - e]); });
+    const RankHit hit = block_find_rank(
+        s, bins, static_cast<unsigned long long>(rank),
+        [&](long long e) { return static_cast<unsigned long long>(s.hist[bins - 1 - e]); });
     const int64_t digit = hit.entry < 0 ? 0 : bins - 1 - hit.entry;
     rank -= static_cast<int64_t>(hit.before);
     count_in_digit = static_cast<int64_t>(hit.count);
@@ -244,8 +249,8 @@ __device__ void select_in_one_block(SharedStorage& s, const SelectPlan& plan, co
   if (rank < count_in_digit) {
     unsigned long long want = static_cast<unsigned long long>(rank);
     for (int64_t begin = 0; begin < n; begin += kSelectTile) {
-      const EqualKeySearch found =
-          find_equal_key<scalar_t>(s, x, begin, begin + kSelectTile < n ? begin + kSelectTile : n, prefix, want);
+      const EqualKeySearch found = find_equal_key<scalar_t>(
+          s, x, begin, begin + kSelectTile < n ? begin + kSelectTile : n, prefix, want);
       if (found.index >= 0) {
         cut = found.index + 1;
         break;
@@ -302,9 +307,9 @@ __device__ void select_split_pass(SharedStorage& s, const SelectParams& p, const
   __threadfence();
 
   // Last block of the job: pick the digit holding the rank, scanning from the top digit.
-  const RankHit digit_hit = block_find_rank(
-      s, bins, static_cast<unsigned long long>(rank),
-      [&](long long e) { return __ldcg(&job_hist[bins - 1 - e]); });
+  const RankHit digit_hit =
+      block_find_rank(s, bins, static_cast<unsigned long long>(rank),
+                      [&](long long e) { return __ldcg(&job_hist[bins - 1 - e]); });
   const int64_t digit = digit_hit.entry < 0 ? 0 : bins - 1 - digit_hit.entry;
   const int64_t rank_in_digit = rank - static_cast<int64_t>(digit_hit.before);
   const int64_t count_in_digit = static_cast<int64_t>(digit_hit.count);
@@ -329,8 +334,9 @@ __device__ void select_split_pass(SharedStorage& s, const SelectParams& p, const
     // (The tile counts add up to count_in_digit, so the rank is always found.)
     const int64_t t_begin = (tile_hit.entry < 0 ? 0 : tile_hit.entry) * kSelectTile;
     const int64_t t_end = t_begin + kSelectTile < n ? t_begin + kSelectTile : n;
-    const EqualKeySearch found = find_equal_key<scalar_t>(
-        s, x, t_begin, t_end, chosen, static_cast<unsigned long long>(rank_in_digit) - tile_hit.before);
+    const EqualKeySearch found =
+        find_equal_key<scalar_t>(s, x, t_begin, t_end, chosen,
+                                 static_cast<unsigned long long>(rank_in_digit) - tile_hit.before);
     cut = found.index + 1;
   }
   if (threadIdx.x == 0) p.thresholds[j] = MagnitudeThreshold{chosen, cut};
@@ -341,16 +347,19 @@ __global__ void __launch_bounds__(kSelectThreads, 2)
     select_pass_kernel(const __grid_constant__ SelectParams p) {
   __shared__ SharedStorage s;
 
-  const ThresholdJob* jobs =
-      p.jobs_device != nullptr ? p.jobs_device : reinterpret_cast<const ThresholdJob*>(p.jobs_inline);
+  const ThresholdJob* jobs = p.jobs_device != nullptr
+                                 ? p.jobs_device
+                                 : reinterpret_cast<const ThresholdJob*>(p.jobs_inline);
   const int64_t block = blockIdx.x;
-  const int j = find_segment(jobs, p.num_jobs, block,
-                             [](const ThresholdJob& job) { return static_cast<int64_t>(job.block_begin); });
+  const int j = find_segment(jobs, p.num_jobs, block, [](const ThresholdJob& job) {
+    return static_cast<int64_t>(job.block_begin);
+  });
   const ThresholdJob job = jobs[j];
   if (p.pass == 0 && (job.k <= 0 || job.k >= job.numel)) {
     // Keeping nothing or everything needs no pass; such a job has one block.
     if (threadIdx.x == 0) {
-      p.thresholds[j] = job.k <= 0 ? keep_nothing_threshold() : keep_everything_threshold(job.numel);
+      p.thresholds[j] =
+          job.k <= 0 ? keep_nothing_threshold() : keep_everything_threshold(job.numel);
     }
     return;
   }
@@ -361,7 +370,9 @@ __global__ void __launch_bounds__(kSelectThreads, 2)
   select_split_pass<scalar_t>(s, p, job, j, block - job.block_begin);
 }
 
-size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
+size_t align_up(size_t v) {
+  return (v + 255) / 256 * 256;
+}
 
 // Scratch of the jobs spread over several blocks: their histograms and states (zeroed before
 // the first pass) and every block's last-digit histogram (written in the final pass).
@@ -377,7 +388,8 @@ WorkspaceLayout layout_of(Dtype dtype, int64_t num_split_jobs, int64_t num_block
   l.states = align_up(jobs * plan.hist_bins * sizeof(unsigned long long));
   l.zeroed = l.states + align_up(jobs * sizeof(SelectState));
   l.tile_counts = l.zeroed;
-  l.total = l.tile_counts + align_up(static_cast<size_t>(num_blocks) * plan.last_bins * sizeof(uint32_t));
+  l.total =
+      l.tile_counts + align_up(static_cast<size_t>(num_blocks) * plan.last_bins * sizeof(uint32_t));
   return l;
 }
 

@@ -23,12 +23,15 @@ __global__ void __launch_bounds__(kStackedThreads)
                      int64_t positions) {
   using acc_t = typename OpMath<scalar_t>::type;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < positions; j += stride) {
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < positions;
+       j += stride) {
     acc_t score = acc_t(0);
-    for (int64_t i = 0; i < rows; ++i) score += election_term<acc_t, E>(static_cast<acc_t>(x[i * positions + j]));
+    for (int64_t i = 0; i < rows; ++i)
+      score += election_term<acc_t, E>(static_cast<acc_t>(x[i * positions + j]));
     const bool positive = majority_is_positive(score);
     for (int64_t i = 0; i < rows; ++i) {
-      mask[i * positions + j] = agrees_with_majority(static_cast<acc_t>(x[i * positions + j]), positive);
+      mask[i * positions + j] =
+          agrees_with_majority(static_cast<acc_t>(x[i * positions + j]), positive);
     }
   }
 }
@@ -40,7 +43,8 @@ __global__ void __launch_bounds__(kStackedThreads)
                           int64_t positions) {
   using acc_t = typename OpMath<scalar_t>::type;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < positions; j += stride) {
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < positions;
+       j += stride) {
     MaskedMean<acc_t> mean;
     for (int64_t i = 0; i < rows; ++i) {
       mean.add(static_cast<acc_t>(x[i * positions + j]), mask[i * positions + j]);
