@@ -31,6 +31,7 @@ from helpers import (
 
 import lorax_merge
 from lorax_merge import utils
+from lorax_merge.lorax_server import merge_module_maps
 from lorax_merge.strategies import strategy_registry
 
 _HAS_CUDA = torch.cuda.is_available()
@@ -400,7 +401,7 @@ def test_merge_many_of_tie_heavy_bf16_groups_equals_cpu():
 
 
 def _public_entry_points() -> dict[str, Callable[[], object]]:
-    """Every public way into the kernels, as name -> call, on small CUDA inputs."""
+    """Every public way into the factor-space kernels, as name -> call, on small CUDA inputs."""
     tasks = make_tasks(3, (257, 33), torch.bfloat16, "normal", seed=17, device="cuda")
     w_gpu = torch.tensor(WEIGHTS3, device="cuda")
     w_cpu = torch.tensor(WEIGHTS3, dtype=torch.float64)
@@ -442,6 +443,13 @@ def _public_entry_points() -> dict[str, Callable[[], object]]:
         )
     mask = utils.calculate_majority_sign_mask(stacked, "total")
     calls["disjoint merge"] = partial(utils.disjoint_merge, stacked, mask)
+    server_adapters = [
+        ({"q": {"lora_A": (t, "m.q.lora_A"), "lora_B": (t.t(), "m.q.lora_B")}},
+         {"r": 33, "target_modules": ["q"]})
+        for t in tasks
+    ]  # fmt: skip
+    params = {"weights": WEIGHTS3, "merge_strategy": "dare_ties", "density": 0.5}
+    calls["merge_module_maps"] = partial(merge_module_maps, server_adapters, params, seed=6)
     return calls
 
 
