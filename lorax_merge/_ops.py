@@ -61,3 +61,15 @@ def _majority_sign_mask_fake(stacked, method):
 def _disjoint_merge_fake(stacked, mask):
     dtype = torch.promote_types(stacked.dtype, torch.float32)
     return stacked.new_empty(stacked.shape[1:], dtype=dtype)
+
+
+@_register_fake("merge_slice_out")
+def _merge_slice_out_fake(
+    tasks, weights, pruning, election, density, rescale, seed, index_offset, thresholds, out
+):
+    return None
+
+
+@_register_fake("magnitude_thresholds")
+def _magnitude_thresholds_fake(tasks, density):
+    return tasks[0].new_empty((len(tasks), 2), dtype=torch.int64)

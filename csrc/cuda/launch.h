@@ -158,6 +158,7 @@ struct MergeGroup {
   uint64_t seed;
   int64_t first_stream;  // task i of the group draws from stream first_stream + i
   int64_t block_begin;   // first global block of this group
+  int64_t index_offset;  // flat index of element 0 in the tensors the tasks slice
   int32_t first_task;    // index of the group's first task in the task table
   int32_t num_tasks;
   int32_t out_dtype;  // Dtype

@@ -87,6 +87,7 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
   const int64_t j0 =
       (block - group.block_begin) * (kMergeThreads * kElems) + static_cast<int64_t>(threadIdx.x) * kElems;
   if (j0 >= group.numel) return;
+  const int64_t first_index = group.index_offset + j0;  // in the sliced tensors
   const bool full = j0 + kElems <= group.numel;
   const bool vector_loads = full && (group.flags & kVectorLoads) != 0;
   const bool vector_stores = full && (group.flags & kVectorStores) != 0;
@@ -118,24 +119,41 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
         for (int i = 0; i < kElems; ++i) acc[i].add(static_cast<acc_t>(raw[u][i]), w);
       } else if (pruning == Pruning::kMagnitude) {
         // Magnitude pruning never rescales.
-        const ThreadThreshold<scalar_t> threshold(p.thresholds[group.first_task + t], j0, kElems);
+        const ThreadThreshold<scalar_t> threshold(p.thresholds[group.first_task + t], first_index,
+                                                  kElems);
 #pragma unroll
         for (int i = 0; i < kElems; ++i) {
           const bool kept = threshold.keeps(magnitude_key(raw[u][i]), i);
           acc[i].add(pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][i]), kept, false, density), w);
         }
       } else {
-        // One 64-bit draw gives the words of two consecutive elements; j0 is even.
+        // One 64-bit draw gives the words of two consecutive elements. j0 is even; a slice
+        // at an odd offset (the same for the whole group) starts on a pair's high word.
         const uint64_t key = dare_stream_key(group.seed, static_cast<uint64_t>(group.first_stream + t));
         const uint32_t bound = static_cast<uint32_t>(p.keep_bound);
+        const uint64_t first_pair = static_cast<uint64_t>(first_index >> 1);
+        uint32_t words[kElems];
+        if ((first_index & 1) == 0) {
 #pragma unroll
-        for (int q = 0; q < kElems / 2; ++q) {
-          const uint64_t bits = dare_pair_bits(key, static_cast<uint64_t>(j0 / 2 + q));
-          const bool kept_lo = static_cast<uint32_t>(bits) < bound;
-          const bool kept_hi = static_cast<uint32_t>(bits >> 32) < bound;
-          acc[2 * q].add(pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][2 * q]), kept_lo, rescale, density), w);
-          acc[2 * q + 1].add(
-              pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][2 * q + 1]), kept_hi, rescale, density), w);
+          for (int q = 0; q < kElems / 2; ++q) {
+            const uint64_t bits = dare_pair_bits(key, first_pair + q);
+            words[2 * q] = static_cast<uint32_t>(bits);
+            words[2 * q + 1] = static_cast<uint32_t>(bits >> 32);
+          }
+        } else {
+          uint64_t bits = dare_pair_bits(key, first_pair);
+#pragma unroll
+          for (int q = 0; q < kElems / 2; ++q) {
+            const uint64_t next = dare_pair_bits(key, first_pair + q + 1);
+            words[2 * q] = static_cast<uint32_t>(bits >> 32);
+            words[2 * q + 1] = static_cast<uint32_t>(next);
+            bits = next;
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kElems; ++i) {
+          acc[i].add(pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][i]), words[i] < bound, rescale, density),
+                     w);
         }
       }
     }

@@ -18,7 +18,7 @@
 #include <torch/library.h>
 
 #include "../common/counter_rng.h"
-#include "../register_ops.h"
+#include "../device_ops.h"
 #include "launch.h"
 
 namespace lorax_merge {
@@ -162,7 +162,7 @@ DeviceWeights gather_device_weights(const std::vector<const MergeRequest*>& requ
 }
 
 // Requests that share one kernel instantiation and one set of strategy parameters.
-using BucketKey = std::tuple<int, bool, int, int, double, bool>;
+using BucketKey = std::tuple<int, bool, int, int, double, bool, const void*>;
 
 void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vector<size_t>& members,
                 const DeviceWeights& dw, const at::Device& device, cudaStream_t stream) {
@@ -190,6 +190,7 @@ void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vec
     group.numel = numel;
     group.seed = static_cast<uint64_t>(r.seed);
     group.first_stream = r.first_stream;
+    group.index_offset = r.index_offset;
     group.block_begin = blocks;
     group.first_task = static_cast<int32_t>(tasks.size());
     group.num_tasks = static_cast<int32_t>(r.tasks.size());
@@ -212,7 +213,7 @@ void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vec
         task.weight = host[i];
       }
       tasks.push_back(task);
-      if (pruning == Pruning::kMagnitude) {
+      if (pruning == Pruning::kMagnitude && !first.thresholds.defined()) {
         jobs.push_back(SelectJob{task.data, numel, k, tiles});
         tiles += select_tiles(numel);
       }
@@ -269,6 +270,11 @@ void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vec
   merge.density = first.density;
   merge.keep_bound = dare_keep_bound(first.density);
   merge.thresholds = thresholds;
+  if (pruning == Pruning::kMagnitude && first.thresholds.defined()) {
+    // Precomputed for the tensors this request slices (one request per bucket).
+    merge.thresholds =
+        reinterpret_cast<const MagnitudeThreshold*>(first.thresholds.const_data_ptr<int64_t>());
+  }
   merge.num_groups = static_cast<int32_t>(groups.size());
   merge.num_blocks = blocks;
   launch_merge(merge, stream);
@@ -288,11 +294,47 @@ void run_batch(const std::vector<const MergeRequest*>& requests) {
     const at::ScalarType task_type = r.tasks[0].scalar_type();
     const bool wide = accumulate_type(task_type, r.out.scalar_type()) == at::kDouble;
     const Pruning pruning = r.prunes() ? r.pruning : Pruning::kNone;
+    // A request with precomputed thresholds gets a bucket of its own.
+    const void* given = r.thresholds.defined() ? static_cast<const void*>(&r) : nullptr;
     buckets[BucketKey{static_cast<int>(task_type), wide, static_cast<int>(pruning),
-                      static_cast<int>(r.election), r.density, r.rescale}]
+                      static_cast<int>(r.election), r.density, r.rescale, given}]
         .push_back(g);
   }
   for (const auto& entry : buckets) run_bucket(requests, entry.second, dw, device, stream);
+}
+
+// Exact magnitude thresholds of tasks of one shape and dtype, written into `out` (int64
+// [N, 2] on the device) by the selection kernels.
+void select_into(const std::vector<at::Tensor>& tasks, double density, at::Tensor& out) {
+  const at::Device device = tasks[0].device();
+  TORCH_CHECK_VALUE(device.is_cuda(), "lorax_merge: expected CUDA tensors, got ", device);
+  c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const int64_t numel = tasks[0].numel();
+  const int64_t k = magnitude_keep_count(density, numel);
+  std::vector<SelectJob> jobs;
+  int64_t tiles = 0;
+  for (const at::Tensor& t : tasks) {
+    jobs.push_back(SelectJob{t.const_data_ptr(), numel, k, tiles});
+    tiles += select_tiles(numel);
+  }
+  constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(tiles <= kMaxGrid, "lorax_merge: too many elements for one selection launch");
+  std::vector<at::Tensor> keep;
+  SelectLaunch select;
+  TableBuilder table;
+  table.append(jobs);
+  select.jobs_device = reinterpret_cast<const SelectJob*>(
+      place_table(table.bytes(), select.jobs_inline, device, stream, keep));
+  const Dtype dtype = dtype_of(tasks[0].scalar_type());
+  const int64_t ws_bytes = static_cast<int64_t>(select_workspace_bytes(dtype, static_cast<int64_t>(jobs.size()), tiles));
+  at::Tensor ws = at::empty({ws_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  select.dtype = dtype;
+  select.num_jobs = static_cast<int32_t>(jobs.size());
+  select.num_tiles = tiles;
+  select.workspace = ws.data_ptr();
+  select.thresholds = reinterpret_cast<MagnitudeThreshold*>(out.data_ptr<int64_t>());
+  launch_select(select, stream);
 }
 
 int64_t stacked_rows(const at::Tensor& stacked) { return stacked.dim() == 0 ? 1 : stacked.size(0); }
@@ -301,6 +343,11 @@ int64_t stacked_rows(const at::Tensor& stacked) { return stacked.dim() == 0 ? 1 
 
 struct CudaKernels {
   static void fused_merge(const MergeRequest& request) { run_batch({&request}); }
+
+  static void magnitude_thresholds(const std::vector<at::Tensor>& tasks, double density,
+                                   at::Tensor& out) {
+    select_into(tasks, density, out);
+  }
 
   static void fused_merge_many(const std::vector<MergeRequest>& requests) {
     std::vector<const MergeRequest*> ptrs;
