@@ -65,7 +65,9 @@ def _check_factors(
         raise ValueError("lora_a: no adapters to merge")
     for arg, values in (("lora_b", lora_b), ("scalings", scalings), ("weights", weights)):
         if len(values) != count:
-            raise ValueError(f"{arg}: expected {count} entries (one per adapter), got {len(values)}")
+            raise ValueError(
+                f"{arg}: expected {count} entries (one per adapter), got {len(values)}"
+            )
     d, k = lora_b[0].shape[0], lora_a[0].shape[-1]
     for i, (a, b) in enumerate(zip(lora_a, lora_b)):
         for arg, t in (("lora_a", a), ("lora_b", b)):
@@ -134,7 +136,9 @@ def merged_delta(
     scale = [float(s) for s in scalings]
     if out is None:
         out = torch.empty(d, k, dtype=dtype, device=device)
-    elif out.shape != (d, k) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+    elif (
+        out.shape != (d, k) or out.dtype != dtype or out.device != device or not out.is_contiguous()
+    ):
         raise ValueError(f"out: expected a contiguous {d} x {k} {dtype} tensor on {device}")
     if out.numel() == 0:
         return out
@@ -249,9 +253,7 @@ def merge_lora_module(
             majority_sign_method=majority_sign_method,
             seed=seed,
         )
-        u, s, vh = refactor_dense(
-            delta, rank, driver=svd_driver, full_matrices=svd_full_matrices
-        )
+        u, s, vh = refactor_dense(delta, rank, driver=svd_driver, full_matrices=svd_full_matrices)
         del delta
     return peft_factors(u, s, vh, rank, clamp=svd_clamp, dtype=dtype)
 
@@ -265,4 +267,3 @@ def _padded_concat(
         lora_a = torch.cat([lora_a, lora_a.new_zeros(extra, lora_a.shape[1])])
         lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], extra)], dim=1)
     return lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous()
-

@@ -282,7 +282,7 @@ def test_merge_many_matches_reference_group_by_group(cases, data):
     )
     assert len(outs) == len(groups)
     for g, (tasks, w, got) in enumerate(zip(groups, weights, outs)):
-        case = dict(first, tasks=tasks, weights=w, seed=lorax_merge.derive_seed(seed, g))
+        case = dict(first, tasks=tasks, weights=w, seed=lorax_merge.derive_group_seed(seed, g))
         assert_merge_matches(got, _reference(case), what=f"group {g}: {_describe(case)}")
         # and the batched path equals the single-call path bit for bit
         assert torch.equal(_bits(got), _bits(_merge(case))), f"group {g}: {_describe(case)}"

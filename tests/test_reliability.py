@@ -167,7 +167,7 @@ def test_merge_many_equals_merge_bit_for_bit(strategy):
     for seeds in (11, [7, 8, 9, 10, 11]):
         outs = lorax_merge.merge_many(groups, weights, strategy=strategy, seed=seeds, **kw)
         for g, (tasks, w, out) in enumerate(zip(groups, weights, outs)):
-            seed = seeds[g] if isinstance(seeds, list) else lorax_merge.derive_seed(seeds, g)
+            seed = seeds[g] if isinstance(seeds, list) else lorax_merge.derive_group_seed(seeds, g)
             single = lorax_merge.merge(tasks, w, strategy, seed=seed, **kw)
             assert _bits(out) == _bits(single), f"group {g}, seeds {seeds}"
 

@@ -450,10 +450,10 @@ def test_merge_many_per_group_weights_and_derived_seeds(device):
     for strategy in STRATEGIES:
         got = lorax_merge.merge_many(groups, weights, strategy=strategy, density=0.5, seed=123)
         for g, (tasks, out) in enumerate(zip(groups, got)):
-            seed = lorax_merge.derive_seed(123, g)
+            seed = lorax_merge.derive_group_seed(123, g)
             expected = lorax_merge.merge(tasks, weights[g], strategy, density=0.5, seed=seed)
             assert torch.equal(out, expected), (strategy, g)
-    assert lorax_merge.derive_seed(123, 0) != lorax_merge.derive_seed(123, 1)
+    assert lorax_merge.derive_group_seed(123, 0) != lorax_merge.derive_group_seed(123, 1)
 
 
 # --------------------------------------------------------------------------- build info
