@@ -12,13 +12,16 @@ from __future__ import annotations
 import lorax_server_model as server
 import pytest
 import torch
-from helpers import bernoulli_returns
+import upstream
+from helpers import bernoulli_returns, tie_free
 from lorax_server_cases import (
     ADAPTER_SETS,
     DTYPES,
     RANK,
+    WEIGHTS,
     adapter_pairs,
     assert_maps_same_bits,
+    assert_same_bits,
     by_name,
     dare_masks,
     ours,
@@ -28,6 +31,7 @@ from lorax_server_cases import (
 from lorax_server_model import LoraConfig
 
 from lorax_merge import adapters as A
+from lorax_merge import utils
 
 # ----------------------------------------------------------------------- equal to the server
 NO_MASK_CASES = [("LINEAR", "TOTAL", 1.0)] + [
@@ -44,8 +48,6 @@ NO_MASK_CASES = [("LINEAR", "TOTAL", 1.0)] + [
 def test_linear_and_ties_requests_merge_as_the_server_merges_them(
     strategy, method, density, adapter_set, dtypes, option
 ):
-    if option == 2 and dtypes == "mixed":
-        pytest.skip("the strategy classes take tasks of one dtype")
     pairs = adapter_pairs(adapter_set, DTYPES[dtypes])
     params = request(len(pairs), strategy, density, method)
     expected, expected_config = server.merge_adapters(pairs, params)
@@ -123,3 +125,74 @@ def test_dare_at_density_0_and_from_1_up_is_the_server_without_masks(strategy, d
         kept = {name: [torch.full(t.shape, density >= 1) for t in ts] for name, ts in order}
         negative_zero = sum_negative_zeros(pairs, params, kept)
     assert_maps_same_bits(ours(option, pairs, params)[0], expected, negative_zero)
+
+
+# ------------------------------------------------------------------- request parameters, helpers
+@pytest.mark.parametrize("option", [1, 2])
+@pytest.mark.parametrize("density", [-1.0, float("nan"), 0.0])
+def test_linear_ignores_the_density_as_the_server_does(density, option):
+    pairs = adapter_pairs("overlapping", DTYPES["mixed"])
+    params = request(3, "LINEAR", density)
+    expected = server.merge_adapters(pairs, params)[0]
+    assert_maps_same_bits(ours(option, pairs, params)[0], expected)
+
+
+@pytest.mark.parametrize("option", [1, 2])
+@pytest.mark.parametrize("strategy", ["TIES", "DARE_LINEAR", "DARE_TIES"])
+def test_a_negative_density_is_refused_where_the_strategy_prunes(strategy, option):
+    pairs = adapter_pairs("overlapping", DTYPES["float32"])
+    params = request(3, strategy, -0.5)
+    with pytest.raises(ValueError, match="(?i)density"):
+        server.merge_adapters(pairs, params)
+    with pytest.raises(ValueError, match="density.*-0.5"):
+        ours(option, pairs, params)
+
+
+@pytest.mark.parametrize("method", ["total", "frequency"])
+def test_the_helpers_take_mixed_dtype_tasks_as_the_server_passes_them(method):
+    # The server prunes each task in its own dtype and stacks them (torch.stack promotes).
+    tasks = [tie_free((24, 16), d, seed=i) for i, d in enumerate(DTYPES["mixed"])]
+    weights = torch.tensor(WEIGHTS).reshape(3, 1, 1)
+    ours_stacked = torch.stack([utils.prune(t, 0.5, "magnitude") for t in tasks])
+    their_stacked = torch.stack([upstream.prune(t, 0.5, "magnitude") for t in tasks])
+    assert_same_bits(ours_stacked, their_stacked)
+    mask = utils.calculate_majority_sign_mask(ours_stacked, method)
+    assert torch.equal(mask, upstream.majority_sign_mask(their_stacked, method))
+    assert_same_bits(
+        utils.disjoint_merge(ours_stacked * weights, mask),
+        upstream.disjoint_merge(their_stacked * weights, mask),
+    )
+
+
+def test_a_llama_3_8b_adapter_is_merged_in_seven_batched_calls(monkeypatch):
+    # rank 16 on the seven projections of 32 layers: 448 tensors, 64 a call (meta tensors:
+    # shapes and dtypes only, no memory)
+    features = {  # in, out
+        "q_proj": (4096, 4096),
+        "k_proj": (4096, 1024),
+        "v_proj": (4096, 1024),
+        "o_proj": (4096, 4096),
+        "gate_proj": (4096, 14336),
+        "up_proj": (4096, 14336),
+        "down_proj": (14336, 4096),
+    }
+    module_map = {}
+    for layer in range(32):
+        for module, (inputs, outputs) in features.items():
+            weight_name = f"model.layers.{layer}.{module}"
+            module_map[weight_name] = {
+                k: (torch.empty(shape, dtype=torch.bfloat16, device="meta"), f"{weight_name}.{k}")
+                for k, shape in (("lora_A", (16, inputs)), ("lora_B", (outputs, 16)))
+            }
+    pairs = [(module_map, LoraConfig(16, list(features)))] * 3
+    calls = []
+    merge_many = A.merge_many
+
+    def counted(groups, *args, **kwargs):
+        calls.append(len(groups))
+        return merge_many(groups, *args, **kwargs)
+
+    monkeypatch.setattr(A, "merge_many", counted)
+    merged, _ = A.merge_module_maps(pairs, request(3, "TIES", 0.5))
+    assert calls == [64] * 7
+    assert sum(len(by_k) for by_k in merged.values()) == 448

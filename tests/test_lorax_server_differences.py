@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import lorax_server_model as server
 import pytest
 import torch
@@ -45,6 +47,37 @@ def test_the_server_drops_the_dare_rescale(strategy):
             mine = got[weight_name][k][0]
             assert torch.equal(mine * params.density, tensor)  # values: -0 == +0
             assert not torch.equal(mine, tensor)
+
+
+@pytest.mark.parametrize("strategy", ["DARE_LINEAR", "DARE_TIES"])
+def test_dare_of_mixed_dtypes_rounds_the_rescale_in_their_common_dtype(strategy):
+    # The server, had it kept its quotient, would round x / density to each adapter's dtype;
+    # here each tensor is merged in the common dtype of the adapters that have it, and so is
+    # the quotient.
+    pairs = adapter_pairs("overlapping", DTYPES["mixed"])
+    common = {
+        name: functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+        for name, tensors in server.merge_order(pairs)
+    }
+    converted = [
+        (
+            {w: {k: (t.to(common[n]), n) for k, (t, n) in by_k.items()} for w, by_k in m.items()},
+            config,
+        )
+        for m, config in pairs
+    ]
+    params = request(3, strategy, 0.3)
+    masks = [m for masks in dare_masks(1, pairs, params.density).values() for m in masks]
+    rescaled = server.server_registry(apply_rescale=True)
+    with bernoulli_returns(masks):
+        in_common_dtype = server.merge_adapters(converted, params, rescaled)[0]
+    with bernoulli_returns(masks):
+        in_own_dtypes = server.merge_adapters(pairs, params, rescaled)[0]
+    got = ours(1, pairs, params)[0]
+    zeros = sum_negative_zeros(pairs, params, dare_masks(1, pairs, params.density))
+    assert_maps_same_bits(got, in_common_dtype, zeros if strategy == "DARE_LINEAR" else None)
+    name = "model.layers.0.self_attn.q_proj"  # in the float32 and the bfloat16 adapter
+    assert not torch.equal(got[name]["lora_A"][0], in_own_dtypes[name]["lora_A"][0])
 
 
 @pytest.mark.parametrize("strategy", ["DARE_LINEAR", "DARE_TIES"])
@@ -179,19 +212,34 @@ def test_adapters_are_summed_one_after_the_other(count):
         assert bool(((got - theirs).abs() <= bound).all())
 
 
-def test_bad_inputs_are_refused_naming_the_tensor_where_the_server_fails_in_torch():
+def test_bad_inputs_are_refused_naming_the_adapter_and_tensor_where_the_server_fails_in_torch():
     pairs = adapter_pairs("overlapping", DTYPES["float32"])
     name = "model.layers.1.self_attn.q_proj"
-    pairs[1][0][name]["lora_B"] = (
-        torch.ones(OUT_FEATURES["q_proj"] + 1, RANK),
-        param_name(name, "lora_B"),
-    )
+    wide = torch.ones(OUT_FEATURES["q_proj"] + 1, RANK)
+    pairs[1][0][name]["lora_B"] = (wide, param_name(name, "lora_B"))
     params = request(3, "TIES", 0.5)
     with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
         server.merge_adapters(pairs, params)
-    with pytest.raises(
-        ValueError, match=rf"{param_name(name, 'lora_B')}.*shape \[40, 8\].*\[41, 8\]"
-    ):
+    # the request's adapter ids name the adapters
+    shapes = r"shape \[40, 8\] in sql but \[41, 8\] in support"
+    with pytest.raises(ValueError, match=rf"{param_name(name, 'lora_B')}.*{shapes}"):
+        A.merge_module_maps(pairs, params)
+    pairs[1][0][name]["lora_B"] = (wide[:-1].long(), param_name(name, "lora_B"))
+    with pytest.raises(TypeError, match=r"support: tensor .*q_proj.lora_B.* has dtype int64"):
+        A.merge_module_maps(pairs, params)
+    # a request without ids: the adapters' positions
+    unnamed = {"weights": WEIGHTS, "merge_strategy": "TIES", "density": 0.5}
+    with pytest.raises(TypeError, match=r"adapter 1: tensor .*q_proj.lora_B.* has dtype int64"):
+        A.merge_module_maps(pairs, unnamed)
+
+
+def test_differing_ranks_are_refused_naming_every_adapter_by_its_id():
+    pairs = adapter_pairs("overlapping", DTYPES["float32"])
+    pairs[2] = (pairs[2][0], LoraConfig(16, ["v_proj", "up_proj"]))
+    params = request(3, "LINEAR")
+    with pytest.raises(ValueError, match=r"different ranks: \{8, 16\}"):
+        server.merge_adapters(pairs, params)
+    with pytest.raises(ValueError, match=r"sql \(r=8\), support \(r=8\), extract \(r=16\)"):
         A.merge_module_maps(pairs, params)
 
 
