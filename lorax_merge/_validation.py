@@ -35,15 +35,18 @@ def describe(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def check_name(value: object, choices: Sequence[str], arg: str, what: str) -> str:
+    """``value`` if it is one of the names ``choices``, else a ValueError naming ``arg``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(
+            f"{arg}: unknown {what} {describe(value)}; expected one of {', '.join(choices)}"
+        )
+    return value
+
+
 def check_strategy(strategy: object, space: Space = "factor") -> StrategySpec:
     """The table row of a strategy name that merges in ``space``."""
-    spec = STRATEGIES.get(strategy) if isinstance(strategy, str) else None
-    if spec is None or spec.space != space:
-        raise ValueError(
-            f"strategy: unknown strategy {describe(strategy)}; "
-            f"expected one of {', '.join(strategy_names(space=space))}"
-        )
-    return spec
+    return STRATEGIES[check_name(strategy, strategy_names(space=space), "strategy", "strategy")]
 
 
 def check_density(density: object, arg: str = "density") -> float:
@@ -56,20 +59,11 @@ def check_density(density: object, arg: str = "density") -> float:
 
 
 def check_majority_sign_method(method: object) -> str:
-    if not isinstance(method, str) or method not in MAJORITY_SIGN_METHODS:
-        raise ValueError(
-            f"majority_sign_method: unknown method {describe(method)}; "
-            f"expected one of {', '.join(MAJORITY_SIGN_METHODS)}"
-        )
-    return method
+    return check_name(method, MAJORITY_SIGN_METHODS, "majority_sign_method", "method")
 
 
 def check_prune_method(method: object) -> str:
-    if not isinstance(method, str) or method not in PRUNE_METHODS:
-        raise ValueError(
-            f"method: unknown pruning method {describe(method)}; expected 'magnitude' or 'random'"
-        )
-    return method
+    return check_name(method, PRUNE_METHODS, "method", "pruning method")
 
 
 def check_float_tensor(t: object, arg: str) -> torch.Tensor:

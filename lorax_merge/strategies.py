@@ -45,14 +45,14 @@ def _signature(spec: StrategySpec) -> inspect.Signature:
     """The constructor's parameters: those the strategy uses, then ``**kwargs`` (ignored)."""
     params = []
     if spec.uses_density:
-        params.append(_Parameter("density", _Parameter.POSITIONAL_OR_KEYWORD, annotation=float))
+        params.append(_Parameter("density", _Parameter.POSITIONAL_OR_KEYWORD, annotation="float"))
     if spec.elects_sign:
         params.append(
             _Parameter(
                 "majority_sign_method",
                 _Parameter.POSITIONAL_OR_KEYWORD,
                 default="total",
-                annotation=str,
+                annotation="str",
             )
         )
     if spec.is_random:
@@ -61,7 +61,7 @@ def _signature(spec: StrategySpec) -> inspect.Signature:
                 "seed", _Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation="int | None"
             )
         )
-    params.append(_Parameter("kwargs", _Parameter.VAR_KEYWORD, annotation=Any))
+    params.append(_Parameter("kwargs", _Parameter.VAR_KEYWORD, annotation="Any"))
     return inspect.Signature(params)
 
 

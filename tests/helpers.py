@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+from hypothesis import strategies as st
 
 from lorax_merge import utils
 
@@ -153,3 +155,46 @@ def merge_kwargs(
     if strategy in RANDOM_STRATEGIES:
         kw["seed"] = seed
     return kw
+
+
+# ---------------------------------------------------------------- hypothesis: small, tame cases
+#: largest |value| of ``FINITE`` (products and sums stay far from overflow in every dtype)
+MAX_ABS = 100.0
+SPECIAL_VALUES = (math.nan, math.inf, -math.inf)
+
+
+def _flush_tiny(v: float) -> float:
+    # keep products and quotients away from subnormals so that exact properties hold
+    return 0.0 if abs(v) < 1e-3 else v
+
+
+FINITE = st.floats(-MAX_ABS, MAX_ABS, allow_nan=False, width=32).map(_flush_tiny)
+DENSITY = st.one_of(st.sampled_from([0.0, 1.0, 1.5, 0.29, 0.5]), st.floats(0.01, 0.99))
+WEIGHT = st.one_of(
+    st.sampled_from([0.0, 1.0, -1.0, 0.25, -3.5]),
+    st.floats(-10, 10, width=32).map(_flush_tiny),
+)
+SHAPE = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
+SEED = st.integers(0, 2**63 - 1)
+
+
+@st.composite
+def task_data(
+    draw, n: int, shape: tuple[int, ...], dtype: torch.dtype, kinds=("finite", "tied", "special")
+) -> list[torch.Tensor]:
+    """``n`` tensors of ``shape``: finite values, tie-heavy values, or either with NaN/Inf."""
+    kind = draw(st.sampled_from(kinds))
+    numel = math.prod(shape)
+    if kind == "finite":
+        elem = FINITE
+    elif kind == "tied":
+        elem = st.sampled_from(TIE_VALUES)
+    else:
+        elem = st.one_of(FINITE, st.sampled_from(TIE_VALUES), st.sampled_from(SPECIAL_VALUES))
+    tasks = []
+    for _ in range(n):
+        values = draw(st.lists(elem, min_size=numel, max_size=numel))
+        tasks.append(torch.tensor(values, dtype=torch.float64).to(dtype).reshape(shape))
+    if len(shape) >= 2 and draw(st.booleans()):
+        tasks = [transposed(t) for t in tasks]  # same values, column-major memory
+    return tasks
