@@ -8,6 +8,7 @@ drop-in (``lorax_server``) and the ``lorax-merge`` command (``cli``).
 """
 
 from . import (
+    _cli_startup,  # noqa: F401  (first: Ctrl-C while the command still loads torch)
     _ops,  # noqa: F401  (registers the ops before anything uses them)
     strategies,
     utils,

@@ -167,7 +167,6 @@ def merge_many(
         checked = [check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
         seeds = [op_seed(seed_or_drawn(s)) if uses_seed else 0 for s in checked]
 
-    # One op call per result dtype (usually one).
     by_dtypes: dict[tuple[torch.dtype, torch.dtype], torch.dtype] = {}
     dtypes = []
     for g, w in zip(groups, group_weights):
@@ -175,18 +174,21 @@ def merge_many(
         if key not in by_dtypes:
             by_dtypes[key] = result_dtype(g[0], w, None, requested)
         dtypes.append(by_dtypes[key])
+    # One op call per result dtype (usually one) and, with per-group weights, per place the
+    # weights live: host weights travel with the launch and device weights are read where
+    # they are, so no call copies weights host -> device (a synchronous copy, which a CUDA
+    # graph cannot capture).
+    batches: dict[tuple[torch.dtype, torch.device | None], list[int]] = {}
+    for i, dtype in enumerate(dtypes):
+        where = None if shared else group_weights[i].device
+        batches.setdefault((dtype, where), []).append(i)
     results: list[torch.Tensor | None] = [None] * len(groups)
-    for dtype in dict.fromkeys(dtypes):
-        members = [i for i, d in enumerate(dtypes) if d == dtype]
+    for (dtype, _), members in batches.items():
         flat = [t for i in members for t in groups[i]]
         if shared:
             flat_weights = group_weights[0].to(torch.float64).repeat(len(members))
         else:
-            on_device = any(group_weights[i].device.type != "cpu" for i in members)
-            w_device = device if on_device else torch.device("cpu")
-            flat_weights = torch.cat(
-                [group_weights[i].to(device=w_device, dtype=torch.float64) for i in members]
-            )
+            flat_weights = torch.cat([group_weights[i].to(torch.float64) for i in members])
         outs = _ops.ops.merge_many(
             flat,
             [len(groups[i]) for i in members],

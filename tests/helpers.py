@@ -123,13 +123,55 @@ def snapshot(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def assert_unmodified(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> None:
     """Every tensor in ``after`` still holds the bits recorded in ``before``."""
     for i, (b, a) in enumerate(zip(before, after)):
-        assert torch.equal(_bits(b), _bits(a)), f"input {i} was modified"
+        assert torch.equal(bits(b), bits(a)), f"input {i} was modified"
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous()
-    view = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()]
-    return t.view(view) if t.dim() else t.reshape(1).view(view)
+#: the NaN every merge result holds where it is NaN, as an integer bit pattern per dtype
+CANONICAL_NAN_BITS = {
+    torch.float32: 0x7FFFFFFF,
+    torch.float64: 0x7FFFFFFFFFFFFFFF,
+    torch.float16: 0x7FFF,
+    torch.bfloat16: 0x7FFF,
+}
+
+_INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of ``t``'s elements, flat, as a signed integer tensor of their width."""
+    t = t.detach().contiguous().reshape(-1)
+    return t.view(_INT_OF_SIZE[t.element_size()])
+
+
+def unsigned_bits(t: torch.Tensor) -> list[int]:
+    """The bit patterns of ``t``'s elements as unsigned Python ints (for messages and sets)."""
+    width = 8 * t.element_size()
+    return [v & ((1 << width) - 1) for v in bits(t.cpu()).tolist()]
+
+
+def assert_same_bits(got: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """``got`` has ``expected``'s dtype and shape and the same bits in every element.
+
+    Stricter than ``assert_close(equal_nan=True)``: NaN payloads and the sign of zero count.
+    Either tensor may be on any device.
+    """
+    got_c, exp_c = got.detach().cpu(), expected.detach().cpu()
+    assert got_c.dtype == exp_c.dtype, f"{what}: dtype {got_c.dtype} != {exp_c.dtype}"
+    assert got_c.shape == exp_c.shape, f"{what}: shape {tuple(got_c.shape)} != {tuple(exp_c.shape)}"
+    a, b = bits(got_c), bits(exp_c)
+    if torch.equal(a, b):
+        return
+    differ = (a != b).nonzero().reshape(-1)
+    first = differ[:5].tolist()
+    digits = 2 * got_c.element_size()
+    shown = ", ".join(
+        f"[{i}] {unsigned_bits(got_c.reshape(-1)[i : i + 1])[0]:0{digits}x} != "
+        f"{unsigned_bits(exp_c.reshape(-1)[i : i + 1])[0]:0{digits}x}"
+        for i in first
+    )
+    raise AssertionError(
+        f"{what}: {differ.numel()} of {a.numel()} elements differ in bits: {shown}"
+    )
 
 
 def transposed(t: torch.Tensor) -> torch.Tensor:

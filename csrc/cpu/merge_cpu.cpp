@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common/canonical_nan.h"
 #include "../common/counter_rng.h"
 #include "../common/keys.h"
 #include "../common/merge_rule.h"
@@ -52,7 +53,7 @@ template <typename acc_t>
 void store_tile(const PreparedMerge& m, int64_t base, const acc_t* values, int64_t len) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.out_dtype, "lorax_merge_store", [&] {
     scalar_t* dst = static_cast<scalar_t*>(m.out) + base;
-    for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<scalar_t>(values[j]);
+    for (int64_t j = 0; j < len; ++j) dst[j] = output_value<scalar_t>(values[j]);
   });
 }
 
@@ -322,7 +323,7 @@ void disjoint_merge_kernel(const at::Tensor& stacked, const at::Tensor& mask, at
       const bool* m = selected + i * positions + base;
       for (int64_t j = 0; j < len; ++j) mean[j].add(static_cast<acc_t>(row[j]), m[j]);
     }
-    for (int64_t j = 0; j < len; ++j) dst[base + j] = mean[j].result();
+    for (int64_t j = 0; j < len; ++j) dst[base + j] = output_value<acc_t>(mean[j].result());
   });
 }
 
