@@ -12,6 +12,7 @@ or synchronises a GPU.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -84,6 +85,25 @@ def check_task_tensors(task_tensors: object, arg: str = "task_tensors") -> list[
     for i, t in enumerate(tasks):
         check_float_tensor(t, f"{arg}[{i}]")
     return tasks
+
+
+def task_dtype(tasks: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype tasks are merged in: ``torch.promote_types`` over all of them.
+
+    It is the dtype of ``torch.stack(tasks)``, as the LoRAX server stacks them: float32 with
+    bfloat16 gives float32, float16 with bfloat16 gives float32, anything with float64 float64.
+    """
+    return functools.reduce(torch.promote_types, (t.dtype for t in tasks))
+
+
+def in_task_dtype(tasks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tasks in their common dtype (:func:`task_dtype`).
+
+    The kernels read one dtype, so each narrower task is read through a converted copy (the
+    conversion is exact); tasks already in the common dtype are passed as they are.
+    """
+    dtype = task_dtype(tasks)
+    return [t if t.dtype == dtype else t.to(dtype) for t in tasks]
 
 
 def is_weight_vector(weights: object) -> bool:

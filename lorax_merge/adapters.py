@@ -28,6 +28,7 @@ from ._validation import (
     check_density,
     check_majority_sign_method,
     check_strategy,
+    task_dtype,
 )
 from .adapter_configs import (
     adapter_labels,
@@ -85,9 +86,10 @@ def plan_batches(
     """Split the tensor names of a merge into ``merge_many`` calls.
 
     The names of a batch share one result dtype (``out_dtype``; with ``"input"``, the dtype of
-    their tensors) and one device. A batch holds at most ``max_groups`` names and at most
-    ``max_bytes`` bytes of input tensors, unless one name alone is larger. Names keep their
-    order; the batches of one (dtype, device) follow each other, in order of first appearance.
+    their tensors, promoted over the adapters as in :func:`lorax_merge.merge`) and one device.
+    A batch holds at most ``max_groups`` names and at most ``max_bytes`` bytes of input tensors,
+    unless one name alone is larger. Names keep their order; the batches of one (dtype, device)
+    follow each other, in order of first appearance.
 
     Args:
         groups: every tensor name, with the tensors it is merged over (one device per name).
@@ -97,7 +99,7 @@ def plan_batches(
     sizes: dict[tuple[torch.dtype | None, torch.device], int] = {}
     for name, tensors in groups.items():
         first = tensors[0]
-        key = (first.dtype if out_dtype == "input" else out_dtype, first.device)
+        key = (task_dtype(tensors) if out_dtype == "input" else out_dtype, first.device)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         lists = chunks.setdefault(key, [[]])
         if lists[-1] and (len(lists[-1]) >= max_groups or sizes[key] + nbytes > max_bytes):
@@ -138,7 +140,9 @@ def _weights_list(weights: Any, count: int) -> tuple[list[float], torch.Tensor |
 def _collect(
     adapters: Sequence[Mapping[str, torch.Tensor]], labels: list[str], device: torch.device | None
 ) -> dict[str, list[tuple[int, torch.Tensor]]]:
-    """Group the tensors by name (names sorted), checking types, dtypes and shapes."""
+    """Group the tensors by name (names sorted), checking types, dtypes and shapes, on ``device``
+    (None: the device of the name's first tensor). Dtypes are left as they are: ``merge_many``
+    merges tasks of several dtypes in their common one, batch by batch."""
     groups: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for i, adapter in enumerate(adapters):
         if not isinstance(adapter, Mapping):
@@ -170,11 +174,8 @@ def _collect(
                     f"adapters: tensor {name!r} has shape {list(first.shape)} in {labels[first_i]} "
                     f"but {list(t.shape)} in {labels[i]}"
                 )
-        dtype = first.dtype
-        for _, t in members[1:]:
-            dtype = torch.promote_types(dtype, t.dtype)
         target = device if device is not None else first.device
-        result[name] = [(i, t.to(device=target, dtype=dtype)) for i, t in members]
+        result[name] = [(i, t.to(target)) for i, t in members]
     return result
 
 
@@ -207,7 +208,8 @@ def merge_adapters(
             for all ones.  A tensor's dtype takes part in the result dtype as in
             :func:`lorax_merge.merge`.
         strategy: a strategy name, as in :func:`lorax_merge.merge`.
-        density: fraction of each task tensor kept by pruning (ignored by ``linear``).
+        density: fraction of each task tensor kept by pruning; ignored, and not checked, by the
+            strategies that do not prune (``linear``), as in :func:`lorax_merge.merge`.
         majority_sign_method: ``total`` or ``frequency`` (``ties`` and ``dare_ties``).
         seed: merge seed for the random strategies: any int, of which only the value modulo 2**64
             counts, as in :func:`lorax_merge.merge`; tensor ``name`` is merged with
@@ -250,7 +252,7 @@ def merge_adapters(
     labels = adapter_labels(names, count)
     weight_values, weight_tensor = _weights_list(weights, count)
     spec = check_strategy(strategy)
-    density = check_density(density)
+    density = check_density(density) if spec.uses_density else 1.0  # as merge does
     check_majority_sign_method(majority_sign_method)
     seed = check_seed(seed)
     check_weighting(weighting)

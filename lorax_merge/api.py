@@ -15,6 +15,7 @@ from ._validation import (
     check_out_dtype,
     check_strategy,
     check_task_tensors,
+    in_task_dtype,
     is_weight_vector,
     result_dtype,
 )
@@ -45,8 +46,10 @@ def merge(
     """Merge task tensors (one module of several adapters) into one tensor.
 
     Args:
-        task_tensors: tensors of one shape, dtype (float32, float16, bfloat16 or float64)
-            and device. Any shape and layout; they are never modified.
+        task_tensors: tensors of one shape and device, each float32, float16, bfloat16 or
+            float64. Any shape and layout; they are never modified. Tasks of different dtypes
+            are merged in ``torch.promote_types`` of all of them (the dtype ``torch.stack``
+            gives), each narrower task through a converted copy.
         weights: one weight per task: a 1-D tensor (any device, any real dtype) or a
             sequence of numbers (taken as a float32 tensor). Negative weights are allowed.
         strategy: ``"linear"`` (sum of w_i * t_i), ``"magnitude_prune"`` (keep the
@@ -67,11 +70,12 @@ def merge(
         The merged tensor. Its dtype is ``torch.promote_types(task dtype, weights dtype)``
         (bfloat16 tasks with float weights give float32), unless ``out`` or ``out_dtype``
         chooses another. Accumulation is in float32 (float64 when tasks or result are float64).
+        A DARE rescale rounds ``x / density`` to the task dtype (the common one).
 
     Raises:
         ValueError, TypeError: for bad arguments, with the argument named.
     """
-    tasks = check_task_tensors(task_tensors)  # the op checks that they agree
+    tasks = in_task_dtype(check_task_tensors(task_tensors))  # the op checks that they agree
     plan, density, election = _resolve(strategy, density, majority_sign_method)
     seed = check_seed(seed)
     w = as_weight_tensor(weights, len(tasks), tasks[0].device)
@@ -106,7 +110,8 @@ def merge_many(
     groups; all tensors must be on one device.
 
     Args:
-        groups: one sequence of task tensors per group.
+        groups: one sequence of task tensors per group (of one dtype or several, as in
+            ``merge``).
         weights: one weights vector for every group (all groups then have the same number of
             tasks), or a sequence with one weights vector per group.
         seed: one int, from which group g uses ``derive_group_seed(seed, g)``; or one int per group;
@@ -121,7 +126,7 @@ def merge_many(
             f"groups must be a sequence of sequences of tensors, got {type(groups).__name__}"
         )
     # The op checks each group's tensors against each other and that all share one device.
-    groups = [check_task_tensors(g, f"groups[{i}]") for i, g in enumerate(groups)]
+    groups = [in_task_dtype(check_task_tensors(g, f"groups[{i}]")) for i, g in enumerate(groups)]
     if not groups:
         return []
     plan, density, election = _resolve(strategy, density, majority_sign_method)

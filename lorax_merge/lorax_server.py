@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ._validation import MAJORITY_SIGN_METHODS
-from .adapter_configs import config_value, merge_adapter_configs
+from .adapter_configs import adapter_labels, config_value, merge_adapter_configs
 from .adapters import merge_adapters
 from .strategy_table import strategy_names
 
@@ -33,6 +33,16 @@ def _enum_name(value: Any, names: tuple[str, ...], what: str) -> str:
     raise ValueError(f"{what}: unknown value {value!r}; expected one of {', '.join(names)}")
 
 
+def _adapter_names(merge_params: Any, count: int) -> list[str] | None:
+    """The request's ``adapter_ids``, which name the adapters in error messages; None (the
+    default "adapter 0", "adapter 1", ...) when the request has no id for each adapter."""
+    ids = config_value(merge_params, "adapter_ids", None)
+    if ids is None or isinstance(ids, (str, bytes)):
+        return None
+    ids = [str(i) for i in ids]
+    return ids if len(ids) == count else None
+
+
 def merge_module_maps(
     adapters: Sequence[tuple[Mapping[str, Mapping[str, tuple[torch.Tensor, str]]], Any]],
     merge_params: Any,
@@ -49,6 +59,8 @@ def merge_module_maps(
         merge_params: LoRAX's ``AdapterParameters`` (or any object or mapping with ``weights``,
             ``merge_strategy``, ``density`` and ``majority_sign_method``); the two enums may be
             given by value (``TIES`` = 1) or by name.  Empty ``weights`` mean all ones.
+            ``density`` is ignored by the strategies that do not prune (``linear``), as in the
+            server.  Its ``adapter_ids``, one per adapter, name the adapters in error messages.
         seed: merge seed of ``dare_linear`` / ``dare_ties``; each tensor uses
             ``derive_tensor_seed(seed, param_name)``, as ``lorax-merge --seed`` does for the same
             adapter files.  None draws one from torch's default generator.
@@ -58,6 +70,13 @@ def merge_module_maps(
         ``(module_map, config)``: the merged module map (every ``(weight_name, k)`` present in
         any adapter, merged over the adapters that have it, with the first adapter's
         ``param_name``) and the merged configuration (see :func:`merge_adapter_configs`).
+        Adapters of different dtypes are merged in their common dtype, as the server's
+        ``torch.stack`` does.
+
+    Raises:
+        ValueError, TypeError: before anything is merged, naming the adapter (by its id), the
+            tensor or the argument: differing ranks, no target modules, tensors of one name with
+            different shapes, tensors that are not floating-point, unknown enum values.
     """
     adapters = list(adapters)
     if not adapters:
@@ -72,14 +91,16 @@ def merge_module_maps(
     )
     weights = [float(w) for w in (config_value(merge_params, "weights", None) or [])] or None
     density = float(config_value(merge_params, "density", 1.0))
-    merged_config = merge_adapter_configs([config for _, config in adapters])
+    names = _adapter_names(merge_params, len(adapters))
+    labels = adapter_labels(names, len(adapters))
+    merged_config = merge_adapter_configs([config for _, config in adapters], names)
 
     # Each (weight_name, k) is merged under the first adapter's param_name: the tensor's name in
     # the adapter file, so DARE draws the same masks as lorax-merge does on the same files.
     keys: dict[tuple[str, str], str] = {}
     places: dict[str, tuple[str, str]] = {}
     states: list[dict[str, torch.Tensor]] = []
-    for module_map, _ in adapters:
+    for label, (module_map, _) in zip(labels, adapters):
         state = {}
         for weight_name, entries in module_map.items():
             for k, (tensor, param_name) in entries.items():
@@ -87,7 +108,7 @@ def merge_module_maps(
                 if places.setdefault(key, (weight_name, k)) != (weight_name, k):
                     raise ValueError(
                         f"adapters: parameter {key!r} appears under two modules: "
-                        f"{places[key]} and {(weight_name, k)}"
+                        f"{places[key]} and, in {label}, {(weight_name, k)}"
                     )
                 state[key] = tensor
         states.append(state)
@@ -99,6 +120,7 @@ def merge_module_maps(
         majority_sign_method=method,
         seed=seed,
         device=device,
+        names=names,
     )
     module_map_out: dict[str, dict[str, tuple[torch.Tensor, str]]] = defaultdict(dict)
     for key, tensor in merged.items():

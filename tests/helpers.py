@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from hypothesis import strategies as st
@@ -89,6 +90,29 @@ def dare_masks(tasks: Sequence[torch.Tensor], density: float, seed: int) -> list
     return [
         random_mask(t.shape, density, seed, i, device=str(t.device)) for i, t in enumerate(tasks)
     ]
+
+
+@contextmanager
+def bernoulli_returns(masks: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Make ``torch.bernoulli`` return ``masks`` one after the other (as 0/1 of the input dtype).
+
+    Code that draws DARE masks with ``torch.bernoulli`` (PEFT, the LoRAX server) then prunes the
+    entries ``lorax_merge`` prunes for the same seed.
+    """
+    pending = list(masks)
+    original = torch.bernoulli
+
+    def fake(p, *args, **kwargs):
+        mask = pending.pop(0)
+        assert mask.shape == p.shape
+        return mask.to(device=p.device, dtype=p.dtype)
+
+    torch.bernoulli = fake
+    try:
+        yield
+    finally:
+        torch.bernoulli = original
+    assert not pending, "fewer masks were drawn than expected"
 
 
 def snapshot(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -62,13 +62,17 @@ def test_same_numel_different_rank_is_rejected():
         lorax_merge.merge([torch.zeros(3, 4), torch.zeros(12)], [1.0, 1.0])
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_dtypes_differ(strategy):
+def test_the_ops_refuse_tasks_of_different_dtypes():
+    # merge and merge_many convert narrower tasks to the common dtype first (see
+    # test_strategies.py); the ops themselves read one dtype and say which task differs
     tasks = [torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.bfloat16)]
+    weights = torch.ones(2)
     with raises_naming("tasks[1]", "BFloat16"):
-        lorax_merge.merge(tasks, [1.0, 1.0], strategy, density=0.5, seed=0)
+        torch.ops.lorax_merge.merge(tasks, weights, "none", "none", 1.0, False, 0, torch.float32)
     with raises_naming("groups[0][1]", "BFloat16"):
-        lorax_merge.merge_many([tasks], [1.0, 1.0], strategy=strategy, density=0.5, seed=0)
+        torch.ops.lorax_merge.merge_many(
+            tasks, [2], weights.double(), "none", "none", 1.0, False, [0], torch.float32
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool], ids=str)
