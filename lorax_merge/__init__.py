@@ -16,6 +16,16 @@ from .strategies import MergeStrategy, strategy_registry
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # ``lorax_merge.peft`` (the PEFT drop-in) is imported on first use: it imports PEFT.
+    if name == "peft":
+        import importlib
+
+        return importlib.import_module(".peft", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "build_info",

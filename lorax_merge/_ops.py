@@ -73,3 +73,8 @@ def _merge_slice_out_fake(
 @_register_fake("magnitude_thresholds")
 def _magnitude_thresholds_fake(tasks, density):
     return tasks[0].new_empty((len(tasks), 2), dtype=torch.int64)
+
+
+@_register_fake("lora_delta_out")
+def _lora_delta_out_fake(lora_a, lora_b, scale, row_begin, out):
+    return None
