@@ -8,7 +8,7 @@ export CUDA_HOME
 BIN := $(VENV)/bin
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test lint bench build clean
+.PHONY: demo test lint format bench build clean
 
 demo: build
 	$(BIN)/python examples/demo.py --work demo-work
@@ -24,6 +24,14 @@ bench: build
 lint: $(VENV)/.deps
 	$(BIN)/ruff check lorax_merge tests benchmarks examples setup.py
 	$(BIN)/ruff format --check lorax_merge tests benchmarks examples setup.py
+
+# C++/CUDA style from .clang-format (clang-format on PATH, or CLANG_FORMAT=...), Python's from ruff.
+CLANG_FORMAT ?= clang-format
+CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')
+
+format: $(VENV)/.deps
+	$(CLANG_FORMAT) -i $(CXX_SOURCES)
+	$(BIN)/ruff format lorax_merge tests benchmarks examples setup.py
 
 build: $(VENV)/.deps
 	MAX_JOBS=$${MAX_JOBS:-2} $(BIN)/pip install --no-build-isolation --no-deps -e . -q

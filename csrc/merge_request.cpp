@@ -28,16 +28,19 @@ void check_density(double density) {
                     density);
 }
 
+void check_float_dtype(at::ScalarType dtype, const char* arg) {
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      "lorax_merge: ", arg, " must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
 void check_float_dtype(const at::Tensor& t, const char* arg) {
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                       dtype == at::kBFloat16,
-                   "lorax_merge: ", arg,
-                   " must be float32, float64, float16 or bfloat16, got ", dtype);
+  check_float_dtype(t.scalar_type(), arg);
 }
 
 void check_tasks(at::TensorList tasks, const char* arg) {
-  TORCH_CHECK_VALUE(!tasks.empty(), "lorax_merge: ", arg, " is empty; at least one tensor is needed");
+  TORCH_CHECK_VALUE(!tasks.empty(), "lorax_merge: ", arg,
+                    " is empty; at least one tensor is needed");
   const at::Tensor& first = tasks[0];
   for (size_t i = 0; i < tasks.size(); ++i) {
     const at::Tensor& t = tasks[i];
@@ -102,15 +105,105 @@ MergeRequest make_request(at::TensorList tasks, const at::Tensor& weights, c10::
   return req;
 }
 
+at::Tensor new_merge_output(at::TensorList tasks, at::ScalarType dtype) {
+  // The tasks are checked in full by make_request; the shape and device come from the first.
+  TORCH_CHECK_VALUE(!tasks.empty(), "lorax_merge: tasks is empty; at least one tensor is needed");
+  check_float_dtype(dtype, "out_dtype");
+  return at::empty(tasks[0].sizes(), tasks[0].options().dtype(dtype));
+}
+
+at::Tensor unit_weight() {
+  return at::ones({1}, at::TensorOptions().dtype(at::kDouble));
+}
+
+at::Tensor new_sign_mask_output(const at::Tensor& stacked, c10::string_view method,
+                                SignElection& election) {
+  check_float_dtype(stacked, "tensor");
+  TORCH_CHECK_VALUE(stacked.dim() >= 1,
+                    "lorax_merge: tensor must be stacked task tensors with at least one "
+                    "dimension, got a 0-D tensor");
+  election = parse_election(method);
+  TORCH_CHECK_VALUE(election != SignElection::kNone,
+                    "lorax_merge: unknown majority_sign_method 'none'; expected 'total' or "
+                    "'frequency'");
+  return at::empty(stacked.sizes(), stacked.options().dtype(at::kBool));
+}
+
+at::Tensor new_disjoint_merge_output(const at::Tensor& stacked, const at::Tensor& mask) {
+  check_float_dtype(stacked, "tensor");
+  TORCH_CHECK_VALUE(stacked.dim() >= 1,
+                    "lorax_merge: tensor must be stacked task tensors with at least one "
+                    "dimension, got a 0-D tensor");
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool,
+                   "lorax_merge: majority_sign_mask must be a "
+                   "bool tensor, got dtype ",
+                   mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.sizes() == stacked.sizes(), "lorax_merge: majority_sign_mask has shape ",
+                    mask.sizes(), " but tensor has shape ", stacked.sizes());
+  TORCH_CHECK_VALUE(mask.device() == stacked.device(), "lorax_merge: majority_sign_mask is on ",
+                    mask.device(), " but tensor is on ", stacked.device());
+  // The reference divides by a float32 count: float32 results, float64 for float64 inputs.
+  const at::ScalarType dtype = at::promote_types(stacked.scalar_type(), at::kFloat);
+  return at::empty(stacked.sizes().slice(1), stacked.options().dtype(dtype));
+}
+
+std::vector<MergeRequest> make_group_requests(at::TensorList tasks, at::IntArrayRef group_sizes,
+                                              const at::Tensor& weights, c10::string_view pruning,
+                                              c10::string_view election, double density,
+                                              bool rescale, at::IntArrayRef seeds,
+                                              at::ScalarType out_dtype) {
+  const int64_t num_groups = static_cast<int64_t>(group_sizes.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(seeds.size()) == num_groups, "lorax_merge: seeds has ",
+                    seeds.size(), " entries but there are ", num_groups, " groups");
+  TORCH_CHECK_VALUE(weights.dim() == 1, "lorax_merge: weights must be 1-D, got shape ",
+                    weights.sizes());
+  int64_t total = 0;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    TORCH_CHECK_VALUE(group_sizes[g] >= 1, "lorax_merge: groups[", g,
+                      "] is empty; each group needs at least one tensor");
+    total += group_sizes[g];
+  }
+  TORCH_CHECK_VALUE(total == static_cast<int64_t>(tasks.size()),
+                    "lorax_merge: group sizes add up to ", total, " but ", tasks.size(),
+                    " tensors were given");
+  TORCH_CHECK_VALUE(weights.numel() == total, "lorax_merge: weights has ", weights.numel(),
+                    " entries but there are ", total, " tensors in all groups");
+  if (num_groups == 0) return {};
+  std::vector<MergeRequest> requests;
+  requests.reserve(num_groups);
+  int64_t offset = 0;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const at::TensorList group = tasks.slice(offset, group_sizes[g]);
+    const std::string name = "groups[" + std::to_string(g) + "]";
+    at::Tensor out = new_merge_output(group, out_dtype);
+    requests.push_back(make_request(group, weights.narrow(0, offset, group_sizes[g]), pruning,
+                                    election, density, rescale, seeds[g], 0, std::move(out),
+                                    name.c_str()));
+    offset += group_sizes[g];
+  }
+  return requests;
+}
+
+at::Tensor new_thresholds_output(at::TensorList tasks, double density) {
+  check_tasks(tasks);
+  check_density(density);
+  return at::empty({static_cast<int64_t>(tasks.size()), 2}, tasks[0].options().dtype(at::kLong));
+}
+
 at::Tensor check_slice(const at::Tensor& thresholds, int64_t index_offset, int64_t num_tasks,
                        const at::Tensor& first_task) {
-  TORCH_CHECK_VALUE(index_offset >= 0, "lorax_merge: index_offset must be >= 0, got ", index_offset);
+  TORCH_CHECK_VALUE(index_offset >= 0, "lorax_merge: index_offset must be >= 0, got ",
+                    index_offset);
   if (!thresholds.defined()) return thresholds;
   TORCH_CHECK_TYPE(thresholds.scalar_type() == at::kLong,
-                   "lorax_merge: thresholds must be an int64 tensor, got dtype ", thresholds.scalar_type());
-  TORCH_CHECK_VALUE(thresholds.dim() == 2 && thresholds.size(0) == num_tasks && thresholds.size(1) == 2,
-                    "lorax_merge: thresholds must have shape [", num_tasks, ", 2] (one key and cut per "
-                    "task), got ", thresholds.sizes());
+                   "lorax_merge: thresholds must be an int64 tensor, got dtype ",
+                   thresholds.scalar_type());
+  TORCH_CHECK_VALUE(
+      thresholds.dim() == 2 && thresholds.size(0) == num_tasks && thresholds.size(1) == 2,
+      "lorax_merge: thresholds must have shape [", num_tasks,
+      ", 2] (one key and cut per "
+      "task), got ",
+      thresholds.sizes());
   TORCH_CHECK_VALUE(thresholds.device() == first_task.device(), "lorax_merge: thresholds is on ",
                     thresholds.device(), " but the task tensors are on ", first_task.device());
   return thresholds.contiguous();

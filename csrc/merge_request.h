@@ -5,6 +5,7 @@
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/string_view.h>
 
 #include "common/merge_rule.h"
@@ -41,6 +42,7 @@ SignElection parse_election(c10::string_view name);
 
 // Checks shared by every op; each failure raises ValueError/TypeError naming the argument.
 void check_density(double density);
+void check_float_dtype(at::ScalarType dtype, const char* arg);
 void check_float_dtype(const at::Tensor& t, const char* arg);
 void check_tasks(at::TensorList tasks, const char* arg = "tasks");
 void check_weights(const at::Tensor& weights, int64_t num_tasks, const at::Tensor& first_task);
@@ -54,6 +56,30 @@ at::ScalarType accumulate_type(at::ScalarType task_dtype, at::ScalarType out_dty
 MergeRequest make_request(at::TensorList tasks, const at::Tensor& weights, c10::string_view pruning,
                           c10::string_view election, double density, bool rescale, int64_t seed,
                           int64_t first_stream, at::Tensor out, const char* arg = "tasks");
+
+// One request per group of a batch: `tasks` is every group's tensors, concatenated, and
+// `weights` their weights; each group gets its own output (the op is functional, so its
+// outputs must not alias).
+std::vector<MergeRequest> make_group_requests(at::TensorList tasks, at::IntArrayRef group_sizes,
+                                              const at::Tensor& weights, c10::string_view pruning,
+                                              c10::string_view election, double density,
+                                              bool rescale, at::IntArrayRef seeds,
+                                              at::ScalarType out_dtype);
+
+// Outputs, allocated after their arguments are checked.
+// A merge's: contiguous, the first task's shape and device.
+at::Tensor new_merge_output(at::TensorList tasks, at::ScalarType dtype);
+// majority_sign_mask's: bool, the stacked tensor's shape; also parses `method`.
+at::Tensor new_sign_mask_output(const at::Tensor& stacked, c10::string_view method,
+                                SignElection& election);
+// disjoint_merge's: the stacked tensor's shape without its first dimension.
+at::Tensor new_disjoint_merge_output(const at::Tensor& stacked, const at::Tensor& mask);
+
+// The weight of a one-task merge (pruning alone): 1, as a 1-D double tensor.
+at::Tensor unit_weight();
+// magnitude_thresholds' output, after checking the tasks and the density: int64 [N, 2] on the
+// tasks' device.
+at::Tensor new_thresholds_output(at::TensorList tasks, double density);
 
 // Checks a precomputed thresholds tensor (int64 [num_tasks, 2] on the tasks' device) and
 // the flat-index offset of a slice; returns the thresholds, contiguous.

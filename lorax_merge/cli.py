@@ -33,6 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .strategy_table import LINEAR, STRATEGIES, strategy_names
+
 PROG = "lorax-merge"
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -41,8 +43,8 @@ PROVENANCE_NAME = "merge_provenance.json"
 PROVENANCE_FORMAT = "lorax-merge provenance"
 PROVENANCE_VERSION = 1
 
-_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-_RANDOM = ("dare_linear", "dare_ties")
+_STRATEGIES = strategy_names(space="factor")
+_RANDOM = strategy_names(random=True)
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _MAX_CONFIG_BYTES = 16 << 20
 _MAX_HEADER_BYTES = 100_000_000
@@ -668,7 +670,7 @@ def _run(argv: Sequence[str] | None) -> int:
     weights = list(args.weights) if args.weights is not None else [1.0] * len(inputs)
     strategy = args.strategy
     if args.weighting == "peft" and len(inputs) == 1:
-        strategy = "linear"  # PEFT merges a single adapter linearly whatever the strategy
+        strategy = LINEAR  # PEFT merges a single adapter linearly whatever the strategy
     seed = None
     if strategy in _RANDOM:
         seed = args.seed if args.seed is not None else secrets.randbelow(_MAX_SEED + 1)
@@ -762,9 +764,9 @@ def _run(argv: Sequence[str] | None) -> int:
     elapsed = time.perf_counter() - started
     names = ", ".join(os.path.basename(os.path.normpath(a.arg)) or a.arg for a in inputs)
     params = [f"weights {' '.join(f'{w:g}' for w in weights)}", f"{args.weighting} weighting"]
-    if strategy != "linear":
+    if STRATEGIES[strategy].uses_density:
         params.insert(0, f"density {args.density:g}")
-    if strategy in ("ties", "dare_ties"):
+    if STRATEGIES[strategy].elects_sign:
         params.insert(1, f"majority sign {args.majority_sign_method}")
     if seed is not None:
         params.append(f"seed {seed}" + ("" if args.seed is not None else " (drawn)"))

@@ -27,8 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _ops
-from ._validation import check_density, check_majority_sign_method, check_seed
-from .api import draw_seed
+from ._validation import check_density, check_majority_sign_method
 from .lowrank import (
     check_svd_clamp,
     check_svd_driver,
@@ -36,6 +35,7 @@ from .lowrank import (
     refactor_dense,
     svd_of_factor_sum,
 )
+from .seeds import check_seed, op_seed, seed_or_drawn
 from .strategy_table import STRATEGIES, fused_strategy, strategy_names
 
 __all__ = ["compute_dtype", "lora_delta", "merge_lora_module", "merged_delta"]
@@ -44,17 +44,11 @@ __all__ = ["compute_dtype", "lora_delta", "merge_lora_module", "merged_delta"]
 # while the tiles are merged), 16 MiB on a GPU (enough blocks to fill it).
 _CPU_TILE_ELEMENTS = 1 << 18
 _CUDA_TILE_ELEMENTS = 1 << 22
-_MASK64 = (1 << 64) - 1
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 when any tensor is float64, else float32: the dtype deltas are formed in."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _op_seed(seed: int) -> int:
-    seed &= _MASK64
-    return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
 def _check_factors(
@@ -164,9 +158,9 @@ def merged_delta(
             _ops.ops.lora_delta_out(a, b, s, 0, out)
             per_task.append(_ops.ops.magnitude_thresholds([out], density))
         thresholds = torch.cat(per_task)
-    op_seed = 0
+    kernel_seed = 0
     if rule.is_random and density < 1:
-        op_seed = _op_seed(draw_seed() if seed is None else seed)
+        kernel_seed = op_seed(seed_or_drawn(seed))
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
     buffers = [torch.empty(rows, k, dtype=dtype, device=device) for _ in a_work]
     for r0 in range(0, d, rows):
@@ -175,7 +169,7 @@ def merged_delta(
         for a, b, s, t in zip(a_work, b_work, scale, tiles):
             _ops.ops.lora_delta_out(a, b, s, r0, t)
         _ops.ops.merge_slice_out(
-            tiles, w, rule.pruning, election, density, rule.rescale, op_seed, r0 * k,
+            tiles, w, rule.pruning, election, density, rule.rescale, kernel_seed, r0 * k,
             thresholds, out[r0 : r0 + count],
         )  # fmt: skip
     return out

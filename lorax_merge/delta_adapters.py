@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from .adapters import FLOAT_DTYPES, derive_tensor_seed, peft_scaling
-from .api import draw_seed
+from ._validation import FLOAT_DTYPES
+from .adapter_configs import peft_scaling
 from .delta import compute_dtype, merge_lora_module
-from .strategy_table import STRATEGIES, strategy_names
+from .seeds import derive_tensor_seed, draw_seed
+from .strategy_table import STRATEGIES, SVD, strategy_names
 
 __all__ = ["merge_adapters_delta", "merge_state_dicts_delta", "delta_adapter_config"]
 
@@ -243,7 +244,7 @@ def merge_adapters_delta(
     configs: Sequence[Any],
     weights: Sequence[float] | torch.Tensor | None = None,
     *,
-    strategy: str = "svd",
+    strategy: str = SVD,
     rank: int | None = None,
     names: Sequence[str] | None = None,
     **options: Any,

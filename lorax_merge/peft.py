@@ -35,11 +35,11 @@ from typing import Any
 import torch
 
 from ._validation import check_density, check_majority_sign_method
-from .adapters import MAX_SEED, derive_tensor_seed
-from .api import draw_seed, merge
+from .api import merge
 from .delta import merge_lora_module
 from .lowrank import check_svd_clamp, check_svd_driver, torch_driver
-from .strategy_table import STRATEGIES, strategy_names
+from .seeds import check_seed, derive_tensor_seed, draw_seed
+from .strategy_table import STRATEGIES, SVD, strategy_names
 
 __all__ = ["add_weighted_adapter", "patch", "unpatch"]
 
@@ -98,10 +98,7 @@ def _check_arguments(
     ):
         raise ValueError(f"svd_rank: expected None or an integer >= 1, got {svd_rank!r}")
     check_svd_clamp(svd_clamp)
-    if seed is not None and (
-        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED
-    ):
-        raise ValueError(f"seed: expected None or an int in [0, 2**63 - 1], got {seed!r}")
+    check_seed(seed)
     return list(adapters), [float(w) for w in weights], density
 
 
@@ -219,7 +216,7 @@ def add_weighted_adapter(
     adapters: list[str],
     weights: list[float],
     adapter_name: str,
-    combination_type: str = "svd",
+    combination_type: str = SVD,
     svd_rank: int | None = None,
     svd_clamp: float | None = None,
     svd_full_matrices: bool = True,
@@ -263,7 +260,7 @@ def add_weighted_adapter(
         check_svd_driver(svd_driver, device)
     spec = STRATEGIES[combination_type]
     if seed is None and spec.is_random and density is not None and density < 1:
-        seed = draw_seed() & MAX_SEED
+        seed = draw_seed()
     args = (
         adapters,
         weights,

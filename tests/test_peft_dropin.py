@@ -248,7 +248,6 @@ def _unchanged(model, before):
         ((["a", "b"], [1.0, 1.0], "new", "ties"), {"density": -0.5}, "density"),
         ((["a", "b"], [1.0, 1.0], "new", "ties"), {"density": 0.5, "majority_sign_method": "x"},
          "majority_sign_method"),
-        ((["a", "b"], [1.0, 1.0], "new", "dare_ties_svd"), {"density": 0.5, "seed": -1}, "seed"),
     ],
 )  # fmt: skip
 def test_bad_arguments_are_refused_before_the_model_changes(args, kwargs, match):

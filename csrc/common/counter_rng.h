@@ -3,10 +3,11 @@
 // A keyed SplitMix64 (Steele, Lea and Flood, "Fast splittable pseudorandom number
 // generators", OOPSLA 2014) used as a counter-based generator: the 64-bit output for
 // counter c of a stream is mix64(stream_key + (c + 1) * golden_gamma), where
-// stream_key = mix64(seed xor mix64(stream)). Each output gives the random words of
-// two consecutive elements, so the word of an element depends only on (seed, stream,
-// flat index): the same mask comes out on the CPU and the GPU, for any thread count
-// and launch shape. It costs two 64-bit multiplies per pair of elements.
+// stream_key = mix64(seed xor mix64(stream + golden_gamma)) and mix64 is SplitMix64's
+// finaliser. Output c gives the random words of elements 2c (low half) and 2c + 1 (high
+// half), so the word of an element depends only on (seed, stream, flat index): the same
+// mask comes out on the CPU and the GPU, for any thread count and launch shape. It costs
+// two 64-bit multiplies per pair of elements.
 #pragma once
 
 #include <cstdint>
@@ -31,26 +32,6 @@ LM_HOST_DEVICE uint64_t dare_stream_key(uint64_t seed, uint64_t stream) {
 // Random words of elements 2*pair (low half) and 2*pair + 1 (high half).
 LM_HOST_DEVICE uint64_t dare_pair_bits(uint64_t stream_key, uint64_t pair) {
   return mix64(stream_key + (pair + 1) * kGoldenGamma);
-}
-
-// The random word of one element.
-LM_HOST_DEVICE uint32_t dare_random_word(uint64_t seed, uint64_t stream, uint64_t index) {
-  const uint64_t bits = dare_pair_bits(dare_stream_key(seed, stream), index >> 1);
-  return static_cast<uint32_t>(bits >> (32 * (index & 1)));
-}
-
-// Random words of elements 4*group .. 4*group + 3 (two pairs), for kernels that handle
-// four elements at a time.
-struct RandomWords4 {
-  uint32_t w[4];
-};
-
-LM_HOST_DEVICE RandomWords4 dare_random_words(uint64_t seed, uint64_t stream, uint64_t group) {
-  const uint64_t key = dare_stream_key(seed, stream);
-  const uint64_t lo = dare_pair_bits(key, 2 * group);
-  const uint64_t hi = dare_pair_bits(key, 2 * group + 1);
-  return RandomWords4{{static_cast<uint32_t>(lo), static_cast<uint32_t>(lo >> 32),
-                       static_cast<uint32_t>(hi), static_cast<uint32_t>(hi >> 32)}};
 }
 
 // An element is kept iff its word is below this bound, so it is kept with probability

@@ -116,8 +116,7 @@ struct DigitPick {
 };
 
 template <typename count_t>
-LM_HOST_DEVICE DigitPick pick_digit_from_top(const count_t* histogram, int64_t bins,
-                                             int64_t rank) {
+LM_HOST_DEVICE DigitPick pick_digit_from_top(const count_t* histogram, int64_t bins, int64_t rank) {
   int64_t above = 0;
   for (int64_t d = bins - 1; d >= 0; --d) {
     const int64_t c = static_cast<int64_t>(histogram[d]);

@@ -6,4 +6,3 @@
 #else
 #define LM_HOST_DEVICE inline
 #endif
-

@@ -30,20 +30,21 @@ inline __m512i magnitude_keys16(const scalar_t* p) {
   if constexpr (sizeof(scalar_t) == 4) {
     bits = _mm512_loadu_si512(static_cast<const void*>(p));
   } else {
-    bits = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    bits = _mm512_maskz_cvtepu16_epi32(0xFFFF,
+                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   const __m512i abs_mask = _mm512_set1_epi32(static_cast<int32_t>(Traits::kNaN));
   bits = _mm512_and_si512(bits, abs_mask);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(bits, _mm512_set1_epi32(static_cast<int32_t>(Traits::kInf)));
+  const __mmask16 nan =
+      _mm512_cmpgt_epu32_mask(bits, _mm512_set1_epi32(static_cast<int32_t>(Traits::kInf)));
   return _mm512_mask_mov_epi32(bits, nan, abs_mask);
 }
 #endif
 
 template <typename scalar_t>
 int64_t scan_bracket(const scalar_t* x, int64_t begin, int64_t end,
-                     typename KeyTraits<scalar_t>::key_t lo,
-                     typename KeyTraits<scalar_t>::key_t hi, Candidate* out, int64_t capacity,
-                     int64_t* above) {
+                     typename KeyTraits<scalar_t>::key_t lo, typename KeyTraits<scalar_t>::key_t hi,
+                     Candidate* out, int64_t capacity, int64_t* above) {
   using key_t = typename KeyTraits<scalar_t>::key_t;
   int64_t count = 0, count_above = 0;
   int64_t i = begin;

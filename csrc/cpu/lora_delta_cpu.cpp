@@ -17,8 +17,8 @@ namespace {
 constexpr int64_t kMinParallelWork = 1 << 17;  // multiply-adds worth a second thread
 
 template <typename T>
-void delta_rows(const T* a, const T* b, int64_t rank, int64_t k, int64_t row_begin, T scale,
-                T* out, int64_t rows) {
+void delta_rows(const T* a, const T* b, int64_t rank, int64_t k, int64_t row_begin, T scale, T* out,
+                int64_t rows) {
   const int64_t grain = std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, rank * k));
   at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
@@ -51,6 +51,8 @@ void lora_delta_out(const at::Tensor& lora_a, const at::Tensor& lora_b, double s
 }  // namespace
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(lorax_merge, CPU, m) { m.impl("lora_delta_out", &cpu::lora_delta_out); }
+TORCH_LIBRARY_IMPL(lorax_merge, CPU, m) {
+  m.impl("lora_delta_out", &cpu::lora_delta_out);
+}
 
 }  // namespace lorax_merge

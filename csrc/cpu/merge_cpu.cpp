@@ -8,10 +8,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common/canonical_nan.h"
+#include "../common/counter_rng.h"
 #include "../common/keys.h"
 #include "../common/merge_rule.h"
-#include "../common/counter_rng.h"
-#include "../register_ops.h"
+#include "../device_ops.h"
 #include "radix_select.h"
 
 namespace lorax_merge {
@@ -36,7 +37,7 @@ struct PreparedMerge {
   double density = 1.0;
   uint64_t seed = 0;
   int64_t first_stream = 0;
-  int64_t index_offset = 0;      // flat index of element 0 in the tensors the tasks slice
+  int64_t index_offset = 0;       // flat index of element 0 in the tensors the tasks slice
   bool thresholds_given = false;  // precomputed for the whole tensors
   uint64_t keep_bound = 0;
   at::ScalarType task_dtype = at::kFloat;
@@ -52,7 +53,7 @@ template <typename acc_t>
 void store_tile(const PreparedMerge& m, int64_t base, const acc_t* values, int64_t len) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.out_dtype, "lorax_merge_store", [&] {
     scalar_t* dst = static_cast<scalar_t*>(m.out) + base;
-    for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<scalar_t>(values[j]);
+    for (int64_t j = 0; j < len; ++j) dst[j] = output_value<scalar_t>(values[j]);
   });
 }
 
@@ -110,9 +111,8 @@ void load_pruned_tile(const PreparedMerge& m, int64_t task, const scalar_t* x, i
     // The threshold in the key's own width (keep-nothing becomes {max key, cut 0}) and
     // the tie cut relative to the tile, so the comparisons stay narrow and vectorise.
     const MagnitudeThreshold threshold = m.thresholds[task];
-    const key_t key = threshold.key > KeyTraits<scalar_t>::kNaN
-                          ? KeyTraits<scalar_t>::kNaN
-                          : static_cast<key_t>(threshold.key);
+    const key_t key = threshold.key > KeyTraits<scalar_t>::kNaN ? KeyTraits<scalar_t>::kNaN
+                                                                : static_cast<key_t>(threshold.key);
     const int32_t cut =
         static_cast<int32_t>(std::clamp<int64_t>(threshold.cut - (m.index_offset + base), 0, len));
     for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) {
@@ -177,7 +177,8 @@ auto pick_tile_runner(SignElection election) {
   }
 }
 
-struct SelectJob {
+// The magnitude threshold of one task of one merge, still to be selected.
+struct PendingThreshold {
   PreparedMerge* merge;
   int64_t task;
 };
@@ -205,33 +206,35 @@ PreparedMerge prepare(const MergeRequest& req) {
   for (const at::Tensor& t : req.tasks) m.tasks.push_back(t.const_data_ptr());
   m.task_dtype = req.tasks[0].scalar_type();
   const bool wide = accumulate_type(m.task_dtype, m.out_dtype) == at::kDouble;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.task_dtype, "lorax_merge_prepare", [&] {
-    m.run_tiles = wide ? pick_tile_runner<scalar_t, double>(req.election)
-                       : pick_tile_runner<scalar_t, float>(req.election);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, m.task_dtype, "lorax_merge_prepare", [&] {
+        m.run_tiles = wide ? pick_tile_runner<scalar_t, double>(req.election)
+                           : pick_tile_runner<scalar_t, float>(req.election);
+      });
   return m;
 }
 
 void select_thresholds(std::vector<PreparedMerge>& merges) {
-  std::vector<SelectJob> large, small;
+  std::vector<PendingThreshold> large, small;
   for (auto& m : merges) {
     if (m.pruning != Pruning::kMagnitude || m.thresholds_given) continue;
     m.thresholds.resize(m.tasks.size());
     for (int64_t t = 0; t < static_cast<int64_t>(m.tasks.size()); ++t) {
-      (m.numel >= kSerialSelectBelow ? large : small).push_back(SelectJob{&m, t});
+      (m.numel >= kSerialSelectBelow ? large : small).push_back(PendingThreshold{&m, t});
     }
   }
-  auto run = [&](const SelectJob& job, bool parallel) {
+  auto run = [&](const PendingThreshold& job, bool parallel) {
     PreparedMerge& m = *job.merge;
     const int64_t k = magnitude_keep_count(m.density, m.numel);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.task_dtype, "lorax_merge_select", [&] {
-      m.thresholds[job.task] = select_magnitude_threshold(
-          static_cast<const scalar_t*>(m.tasks[job.task]), m.numel, k, parallel);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, m.task_dtype, "lorax_merge_select", [&] {
+          m.thresholds[job.task] = select_magnitude_threshold(
+              static_cast<const scalar_t*>(m.tasks[job.task]), m.numel, k, parallel);
+        });
   };
-  for (const SelectJob& job : large) run(job, true);
+  for (const PendingThreshold& job : large) run(job, true);
   int64_t small_work = 0;
-  for (const SelectJob& job : small) small_work += job.merge->numel;
+  for (const PendingThreshold& job : small) small_work += job.merge->numel;
   const int64_t jobs = static_cast<int64_t>(small.size());
   const int64_t job_grain =
       std::max<int64_t>(1, kMinParallelWork * jobs / std::max<int64_t>(small_work, 1));
@@ -251,11 +254,13 @@ void run_prepared(std::vector<PreparedMerge>& merges) {
   const int64_t tiles = tile_offsets.back();
   const int64_t grain = std::max<int64_t>(1, kMinParallelWork * tiles / std::max<int64_t>(work, 1));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    size_t i = static_cast<size_t>(
-        std::upper_bound(tile_offsets.begin(), tile_offsets.end(), begin) - tile_offsets.begin() - 1);
+    size_t i =
+        static_cast<size_t>(std::upper_bound(tile_offsets.begin(), tile_offsets.end(), begin) -
+                            tile_offsets.begin() - 1);
     for (int64_t tile = begin; tile < end; ++i) {
       const int64_t stop = std::min(end, tile_offsets[i + 1]);
-      if (stop > tile) merges[i].run_tiles(merges[i], tile - tile_offsets[i], stop - tile_offsets[i]);
+      if (stop > tile)
+        merges[i].run_tiles(merges[i], tile - tile_offsets[i], stop - tile_offsets[i]);
       tile = std::max(tile, stop);
     }
   });
@@ -272,11 +277,12 @@ void fused_merge_batch(const std::vector<MergeRequest>& requests) {
 // Stacked primitives: element (i, j) of an [N, M] view is task i, position j.
 template <typename Fn>
 void for_each_position_tile(int64_t positions, const Fn& fn) {
-  at::parallel_for(0, (positions + kTile - 1) / kTile, kStackedGrainTiles, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      fn(tile * kTile, std::min(kTile, positions - tile * kTile));
-    }
-  });
+  at::parallel_for(0, (positions + kTile - 1) / kTile, kStackedGrainTiles,
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t tile = begin; tile < end; ++tile) {
+                       fn(tile * kTile, std::min(kTile, positions - tile * kTile));
+                     }
+                   });
 }
 
 template <typename scalar_t, typename acc_t, SignElection E>
@@ -290,7 +296,8 @@ void sign_mask_kernel(const at::Tensor& stacked, at::Tensor& mask) {
     for (int64_t j = 0; j < len; ++j) score[j] = acc_t(0);
     for (int64_t i = 0; i < n; ++i) {
       const scalar_t* row = x + i * positions + base;
-      for (int64_t j = 0; j < len; ++j) score[j] += election_term<acc_t, E>(static_cast<acc_t>(row[j]));
+      for (int64_t j = 0; j < len; ++j)
+        score[j] += election_term<acc_t, E>(static_cast<acc_t>(row[j]));
     }
     for (int64_t i = 0; i < n; ++i) {
       const scalar_t* row = x + i * positions + base;
@@ -316,7 +323,7 @@ void disjoint_merge_kernel(const at::Tensor& stacked, const at::Tensor& mask, at
       const bool* m = selected + i * positions + base;
       for (int64_t j = 0; j < len; ++j) mean[j].add(static_cast<acc_t>(row[j]), m[j]);
     }
-    for (int64_t j = 0; j < len; ++j) dst[base + j] = mean[j].result();
+    for (int64_t j = 0; j < len; ++j) dst[base + j] = output_value<acc_t>(mean[j].result());
   });
 }
 
@@ -332,9 +339,11 @@ struct CpuKernels {
       const int64_t n = tasks[i].numel();
       const int64_t k = magnitude_keep_count(density, n);
       MagnitudeThreshold t{};
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tasks[i].scalar_type(), "lorax_merge_thresholds", [&] {
-        t = select_magnitude_threshold(tasks[i].const_data_ptr<scalar_t>(), n, k, n >= kSerialSelectBelow);
-      });
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, tasks[i].scalar_type(), "lorax_merge_thresholds", [&] {
+            t = select_magnitude_threshold(tasks[i].const_data_ptr<scalar_t>(), n, k,
+                                           n >= kSerialSelectBelow);
+          });
       dst[2 * i] = static_cast<int64_t>(t.key);
       dst[2 * i + 1] = t.cut;
     }
@@ -344,28 +353,33 @@ struct CpuKernels {
     fused_merge_batch(requests);
   }
 
-  static void majority_sign_mask(const at::Tensor& stacked, SignElection election, at::Tensor& mask) {
+  static void majority_sign_mask(const at::Tensor& stacked, SignElection election,
+                                 at::Tensor& mask) {
     if (stacked.numel() == 0) return;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, stacked.scalar_type(), "lorax_merge_sign_mask", [&] {
-      using acc_t = typename OpMath<scalar_t>::type;
-      if (election == SignElection::kTotal) {
-        sign_mask_kernel<scalar_t, acc_t, SignElection::kTotal>(stacked, mask);
-      } else {
-        sign_mask_kernel<scalar_t, acc_t, SignElection::kFrequency>(stacked, mask);
-      }
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, stacked.scalar_type(), "lorax_merge_sign_mask", [&] {
+          using acc_t = typename OpMath<scalar_t>::type;
+          if (election == SignElection::kTotal) {
+            sign_mask_kernel<scalar_t, acc_t, SignElection::kTotal>(stacked, mask);
+          } else {
+            sign_mask_kernel<scalar_t, acc_t, SignElection::kFrequency>(stacked, mask);
+          }
+        });
   }
 
   static void disjoint_merge(const at::Tensor& stacked, const at::Tensor& mask, at::Tensor& out) {
     if (out.numel() == 0) return;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, stacked.scalar_type(), "lorax_merge_disjoint", [&] {
-      disjoint_merge_kernel<scalar_t, typename OpMath<scalar_t>::type>(stacked, mask, out);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, stacked.scalar_type(), "lorax_merge_disjoint", [&] {
+          disjoint_merge_kernel<scalar_t, typename OpMath<scalar_t>::type>(stacked, mask, out);
+        });
   }
 };
 
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(lorax_merge, CPU, m) { register_device_ops<cpu::CpuKernels>(m); }
+TORCH_LIBRARY_IMPL(lorax_merge, CPU, m) {
+  register_device_ops<cpu::CpuKernels>(m);
+}
 
 }  // namespace lorax_merge

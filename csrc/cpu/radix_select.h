@@ -122,14 +122,15 @@ int64_t cut_after_equal_rank(const scalar_t* x, int64_t n, const Chunking& chunk
 }
 
 // The bucket copy may hold at most this many entries (16 bytes each).
-inline int64_t candidate_budget(int64_t n) { return std::max<int64_t>(n / 8, 16384); }
+inline int64_t candidate_budget(int64_t n) {
+  return std::max<int64_t>(n / 8, 16384);
+}
 
 // Threshold from the elements that can hold it, given in index order, when `rank`
 // (1-based, from the top) is the threshold's rank among them and their keys agree on
 // all bits at or above `shift`.
-inline MagnitudeThreshold threshold_from_candidates(Candidate* first, Candidate* last,
-                                                    int64_t rank, int shift, int64_t n,
-                                                    uint64_t base = 0) {
+inline MagnitudeThreshold threshold_from_candidates(Candidate* first, Candidate* last, int64_t rank,
+                                                    int shift, int64_t n, uint64_t base = 0) {
   // Digits of (key - base): with a bracket's lower end as the base, only the bits that
   // vary inside the bracket are resolved.
   constexpr int kDigitBits = 11;
@@ -211,8 +212,8 @@ bool select_in_sampled_bracket(const scalar_t* x, int64_t n, int64_t k, const Ch
   std::vector<int64_t> inside(static_cast<size_t>(chunks.count), -1);  // -1: slice overflowed
   chunks.for_each(n, [&, lo, hi](int64_t chunk, int64_t begin, int64_t end) {
     int64_t count_above = 0;
-    inside[chunk] = scan_bracket(x, begin, end, lo, hi, buffer.data() + chunk * slice, slice,
-                                 &count_above);
+    inside[chunk] =
+        scan_bracket(x, begin, end, lo, hi, buffer.data() + chunk * slice, slice, &count_above);
     above[chunk] = count_above;
   });
   int64_t total_above = 0, total_in = 0;

@@ -56,6 +56,8 @@ void lora_delta_out(const at::Tensor& lora_a, const at::Tensor& lora_b, double s
 }  // namespace
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(lorax_merge, CUDA, m) { m.impl("lora_delta_out", &cuda::lora_delta_out); }
+TORCH_LIBRARY_IMPL(lorax_merge, CUDA, m) {
+  m.impl("lora_delta_out", &cuda::lora_delta_out);
+}
 
 }  // namespace lorax_merge

@@ -1,15 +1,14 @@
-// Op bodies shared by every device. A device provides a `Kernels` type with
+// The op bodies, written once for every device. A device provides a `Kernels` type with
 //   static void fused_merge(const MergeRequest&);
 //   static void fused_merge_many(const std::vector<MergeRequest>&);
 //   static void majority_sign_mask(const at::Tensor& stacked, SignElection, at::Tensor& mask);
 //   static void disjoint_merge(const at::Tensor& stacked, const at::Tensor& mask, at::Tensor& out);
 //   static void magnitude_thresholds(const std::vector<at::Tensor>& tasks, double density,
 //                                    at::Tensor& out);  // int64 [N, 2]: key, cut per task
-// and calls register_device_ops<Kernels>(m) from its TORCH_LIBRARY_IMPL block; argument
-// checking and output allocation live here, once.
+// and calls register_device_ops<Kernels>(m) from its TORCH_LIBRARY_IMPL block. Arguments are
+// checked, and outputs allocated, by merge_request.h's functions.
 #pragma once
 
-#include <optional>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -18,20 +17,6 @@
 #include "merge_request.h"
 
 namespace lorax_merge {
-
-// Output of a merge: contiguous, the tasks' shape and device.
-at::Tensor new_merge_output(at::TensorList tasks, at::ScalarType dtype);
-at::Tensor unit_weight();
-at::Tensor new_sign_mask_output(const at::Tensor& stacked, c10::string_view method,
-                                SignElection& election);
-at::Tensor new_disjoint_merge_output(const at::Tensor& stacked, const at::Tensor& mask);
-// Checks the tasks and the density; int64 [N, 2] on the tasks' device.
-at::Tensor new_thresholds_output(at::TensorList tasks, double density);
-std::vector<MergeRequest> make_group_requests(at::TensorList tasks, at::IntArrayRef group_sizes,
-                                              const at::Tensor& weights, c10::string_view pruning,
-                                              c10::string_view election, double density,
-                                              bool rescale, at::IntArrayRef seeds,
-                                              at::ScalarType out_dtype);
 
 template <typename Kernels>
 struct DeviceOps {
@@ -46,7 +31,7 @@ struct DeviceOps {
 
   static void merge_out(at::TensorList tasks, const at::Tensor& weights, c10::string_view pruning,
                         c10::string_view election, double density, bool rescale, int64_t seed,
-                        const at::Tensor& out) {
+                        at::Tensor& out) {
     if (out.is_contiguous()) {  // make_request checks the tasks and `out`
       Kernels::fused_merge(
           make_request(tasks, weights, pruning, election, density, rescale, seed, 0, out));
@@ -56,16 +41,15 @@ struct DeviceOps {
     // which would otherwise broadcast into a destination of the wrong shape.
     check_tasks(tasks);
     check_out(out, tasks[0], out.scalar_type());
-    at::Tensor result = merge(tasks, weights, pruning, election, density, rescale, seed,
-                              out.scalar_type());
-    const_cast<at::Tensor&>(out).copy_(result);
+    at::Tensor result =
+        merge(tasks, weights, pruning, election, density, rescale, seed, out.scalar_type());
+    out.copy_(result);
   }
 
   static std::vector<at::Tensor> merge_many(at::TensorList tasks, at::IntArrayRef group_sizes,
                                             const at::Tensor& weights, c10::string_view pruning,
-                                            c10::string_view election, double density,
-                                            bool rescale, at::IntArrayRef seeds,
-                                            at::ScalarType out_dtype) {
+                                            c10::string_view election, double density, bool rescale,
+                                            at::IntArrayRef seeds, at::ScalarType out_dtype) {
     std::vector<MergeRequest> requests = make_group_requests(
         tasks, group_sizes, weights, pruning, election, density, rescale, seeds, out_dtype);
     if (!requests.empty()) Kernels::fused_merge_many(requests);
