@@ -66,7 +66,7 @@ def build(ranks=(4, 4, 4), dtype=torch.float32, device="cpu", seed=3, targets=No
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_((torch.randn(p.shape, generator=g) * 0.5).to(dtype))
-    return model.to(device)
+    return model.to(device=device, dtype=dtype)  # PEFT keeps half-precision adapters in float32
 
 
 def layers(model):
@@ -336,6 +336,26 @@ def test_a_rank_above_a_module_size_is_zero_padded_where_peft_fails():
     exact = sum(w * s * (y.flatten(1).double() @ x.flatten(1).double())
                 for w, ((x, y), s) in zip(WEIGHTS, found))  # fmt: skip
     torch.testing.assert_close(product(layers(model)["pw"], "new"), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("combination_type", ["svd", "ties_svd", "linear"])
+def test_half_precision_adapters_keep_their_dtype(dtype, combination_type):
+    """Deltas are formed and merged in float32 from the half-precision factors, and the result
+    comes back in their dtype (PEFT's SVD types hand back float32): it is the float32 merge of
+    the same values, rounded once."""
+    kwargs = {"density": 0.5}
+    ranks = (4, 4, 4) if combination_type == "linear" else (4, 6, 2)
+    half = build(ranks, dtype)
+    exact = copy.deepcopy(half).to(torch.float32)  # the same values, in float32
+    for model in (half, exact):
+        lm_peft.add_weighted_adapter(model, ["a", "b", "c"], WEIGHTS, "new", combination_type,
+                                     **kwargs)  # fmt: skip
+    for key, layer in layers(exact).items():
+        a, b = factors(layers(half)[key], "new")
+        assert a.dtype == dtype and b.dtype == dtype
+        expected, got = product(layer, "new"), product(layers(half)[key], "new")
+        assert float((got - expected).norm() / expected.norm()) < 1e-2, key
 
 
 @pytest.mark.cuda
