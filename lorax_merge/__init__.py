@@ -9,6 +9,7 @@ drop-in (``lorax_server``), the ``lorax-merge`` command (``cli``), delta-space m
 """
 
 from . import (
+    _cli_startup,  # noqa: F401  (first: Ctrl-C while the command still loads torch)
     _ops,  # noqa: F401  (registers the ops before anything uses them)
     strategies,
     utils,

@@ -88,7 +88,9 @@ def merge_adapter_configs(
       strings and lists is an error.)
     * With ``weighting="peft"`` the result is also what PEFT's ``add_weighted_adapter`` writes:
       ``lora_alpha = r`` and empty ``rank_pattern`` / ``alpha_pattern``, since the scalings were
-      folded into the tensors.
+      folded into the tensors; and ``use_rslora = False``, so that the merged adapter's scaling
+      is ``lora_alpha / r = 1`` (PEFT keeps the first adapter's ``use_rslora``, which scales an
+      rsLoRA merge by ``sqrt(r)`` once more).
 
     Args:
         configs: one configuration per adapter: mappings (the parsed ``adapter_config.json``) or
@@ -138,7 +140,7 @@ def merge_adapter_configs(
     first = configs[0]
     updates: dict[str, Any] = {"target_modules": merged_modules}
     if weighting == "peft":
-        updates.update(lora_alpha=ranks[0], rank_pattern={}, alpha_pattern={})
+        updates.update(lora_alpha=ranks[0], rank_pattern={}, alpha_pattern={}, use_rslora=False)
     if isinstance(first, Mapping):
         merged = copy.deepcopy(dict(first))
         merged.update(updates)

@@ -36,7 +36,10 @@ def _strings(path: Path) -> set[str]:
 
 
 def test_each_strategy_name_is_written_in_one_module_only():
-    modules = {path.name: _strings(path) for path in sorted(PACKAGE.glob("*.py"))}
+    modules = {
+        path.relative_to(PACKAGE).as_posix(): _strings(path)
+        for path in sorted(PACKAGE.rglob("*.py"))  # the cli package's modules too
+    }
     for name in STRATEGIES:
         holders = [module for module, strings in modules.items() if name in strings]
         assert holders == ["strategy_table.py"], f"{name!r} is written in {holders}"
