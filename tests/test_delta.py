@@ -314,3 +314,16 @@ def test_conv_adapters_keep_their_layout():
     merged = out["m.conv.lora_B.weight"].flatten(1) @ out["m.conv.lora_A.weight"].flatten(1)
     sv = torch.linalg.svdvals(exact.double())
     assert float(torch.linalg.matrix_norm(merged - exact)) <= float(sv[4:].norm()) + 1e-4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+@pytest.mark.parametrize("strategy", ["svd", *PRUNED])
+def test_cuda_deltas_and_merged_deltas_have_the_cpu_bits(strategy):
+    a, b, s, w = _module(d=300, k=257)
+    on_gpu = ([x.cuda() for x in a], [x.cuda() for x in b])
+    assert torch.equal(_bits(delta.lora_delta(on_gpu[0][1], on_gpu[1][1], 0.3).cpu()),
+                       _bits(delta.lora_delta(a[1], b[1], 0.3)))  # fmt: skip
+    cpu = delta.merged_delta(a, b, s, w, strategy, density=0.4, seed=8)
+    gpu = delta.merged_delta(*on_gpu, s, w, strategy, density=0.4, seed=8)
+    assert torch.equal(_bits(gpu.cpu()), _bits(cpu))
