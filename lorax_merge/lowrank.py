@@ -33,7 +33,9 @@ __all__ = [
     "dense_svd",
     "peft_factors",
     "randomized_svd",
+    "refactor_dense",
     "svd_of_factor_sum",
+    "torch_driver",
 ]
 
 #: ``torch.linalg.svd`` drivers of cuSOLVER (CUDA tensors only).
