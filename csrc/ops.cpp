@@ -31,6 +31,9 @@ TORCH_LIBRARY(lorax_merge, m) {
       "merge_slice_out(Tensor[] tasks, Tensor weights, str pruning, str election, float density, "
       "bool rescale, int seed, int index_offset, Tensor? thresholds, Tensor(a!) out) -> ()");
   m.def("magnitude_thresholds(Tensor[] tasks, float density) -> Tensor");
+  m.def(
+      "lora_delta_out(Tensor lora_a, Tensor lora_b, float scale, int row_begin, Tensor(a!) out) "
+      "-> ()");
 }
 
 }  // namespace lorax_merge

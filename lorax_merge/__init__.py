@@ -4,7 +4,8 @@ The work runs in compiled ops (``torch.ops.lorax_merge``) with a CPU and a CUDA 
 The Python package around them converts arguments and names bad ones (``api``, ``utils``),
 holds the strategy table and the strategy classes (``strategy_table``, ``strategies``), the seed
 rule (``seeds``), whole-adapter merging (``adapters``, ``adapter_configs``), the LoRAX server
-drop-in (``lorax_server``) and the ``lorax-merge`` command (``cli``).
+drop-in (``lorax_server``), the ``lorax-merge`` command (``cli``), delta-space merging (``delta``,
+``lowrank``, ``delta_adapters``) and the PEFT ``add_weighted_adapter`` drop-in (``peft``).
 """
 
 from . import (
@@ -20,6 +21,16 @@ from .seeds import derive_group_seed, derive_seed, derive_tensor_seed, draw_seed
 from .strategies import MergeStrategy, strategy_registry
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``lorax_merge.peft`` (the PEFT drop-in) is imported on first use: it imports PEFT.
+    if name == "peft":
+        import importlib
+
+        return importlib.import_module(".peft", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",

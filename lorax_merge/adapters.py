@@ -40,7 +40,7 @@ from .adapter_configs import (
 )
 from .api import merge_many
 from .seeds import check_seed, derive_tensor_seed, seed_or_drawn
-from .strategy_table import LINEAR, STRATEGIES
+from .strategy_table import LINEAR, STRATEGIES, strategy_names
 
 __all__ = [
     "Batch",
@@ -193,6 +193,8 @@ def merge_adapters(
     scalings: Sequence[float] | None = None,
     names: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    rank: int | None = None,
+    svd_driver: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge whole LoRA adapters tensor by tensor.
 
@@ -228,6 +230,10 @@ def merge_adapters(
         scalings: one scaling per adapter; required with ``weighting="peft"``.
         names: adapter names used in error messages.
         progress: called with the number of tensors merged after each batch.
+        rank, svd_driver: for the delta-space strategies (``cat``, ``svd``, ``ties_svd``,
+            ``dare_ties_svd``, ``dare_linear_svd``, ``magnitude_prune_svd``), which merge each
+            module's ``scalings[i] * B_i @ A_i`` and need ``scalings``; see
+            :func:`lorax_merge.delta_adapters.merge_state_dicts_delta`.
 
     Returns:
         A dict from tensor name to merged tensor, with sorted keys.
@@ -238,6 +244,19 @@ def merge_adapters(
             strategy, density, method or seed, or (``weighting="peft"``) a tensor that is not a LoRA
             factor.
     """
+    if strategy in strategy_names(space="delta"):
+        from .delta_adapters import merge_state_dicts_delta
+
+        if scalings is None:
+            raise ValueError(
+                f"scalings: strategy {strategy!r} merges each adapter's delta s_i * B_i @ A_i and "
+                "needs one scaling per adapter (see peft_scaling)"
+            )
+        return merge_state_dicts_delta(
+            list(adapters), weights, scalings, strategy=strategy, rank=rank, density=density,
+            majority_sign_method=majority_sign_method, seed=seed, svd_driver=svd_driver,
+            device=device, out_dtype=out_dtype, names=names, progress=progress,
+        )  # fmt: skip
     if (
         isinstance(adapters, Mapping)
         or isinstance(adapters, (str, bytes))

@@ -18,6 +18,7 @@ Refactor = Literal["none", "concat", "svd"]
 
 __all__ = [
     "LINEAR",
+    "SVD",
     "StrategySpec",
     "STRATEGIES",
     "fused_strategy",
@@ -27,6 +28,9 @@ __all__ = [
 #: The plain weighted sum (no pruning, no sign election): the default strategy of every API,
 #: and what a PEFT-weighted merge of a single adapter reduces to.
 LINEAR = "linear"
+#: The exact weighted sum of the adapters' deltas truncated by an SVD: the default
+#: ``combination_type`` of PEFT's ``add_weighted_adapter`` and of the delta-space APIs.
+SVD = "svd"
 
 
 @dataclass(frozen=True)
