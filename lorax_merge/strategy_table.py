@@ -71,6 +71,11 @@ class StrategySpec:
         return self.pruning != "none"
 
     @property
+    def uses_svd(self) -> bool:
+        """Re-factoring by a truncated SVD: the merge reads ``rank`` and ``svd_driver``."""
+        return self.refactor == "svd"
+
+    @property
     def class_name(self) -> str:
         """Name of the strategy's class in ``lorax_merge.strategies`` (``TiesMerge``)."""
         return "".join(part.capitalize() for part in self.name.split("_")) + "Merge"

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from ..adapter_configs import merge_adapter_configs, peft_scaling
 from ..strategy_table import LINEAR, STRATEGIES, strategy_names
-from . import configs, merging, report
+from . import configs, delta_options, merging, report
 from . import output as out_folder
 from .common import (
     CONFIG_NAME,
@@ -34,7 +34,7 @@ from .common import (
 from .inputs import Adapter, check_input_dir, load_config, load_tensors
 
 #: Options that take numbers: argparse reads a value like -inf or -1e-3 as an unknown option.
-_NUMBER_OPTIONS = {"--weights": -1, "--density": 1, "--seed": 1}  # -1: any count
+_NUMBER_OPTIONS = {"--weights": -1, "--density": 1, "--seed": 1, "--rank": 1}  # -1: any count
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _MAX_SEED = (1 << 63) - 1
@@ -53,8 +53,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    # The command merges LoRA factors element by element: the factor-space rows of the table.
-    random_names = " / ".join(strategy_names(space="factor", random=True))
+    random_names = " / ".join(strategy_names(random=True))
     parser = _Parser(
         prog=PROG,
         description=(
@@ -71,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         "--output", "-o", required=True, metavar="DIR", help="folder to write the merged adapter to"
     )
     parser.add_argument(
-        "--strategy", required=True, choices=strategy_names(space="factor"), help="merge strategy"
+        "--strategy", required=True, choices=strategy_names(), help=delta_options.strategy_help()
     )
     parser.add_argument(
         "--weights", nargs="+", type=float, metavar="W",
@@ -99,10 +98,20 @@ def _parser() -> argparse.ArgumentParser:
         help="dtype of the merged tensors (default auto: the inputs')",
     )  # fmt: skip
     parser.add_argument(
-        "--weighting", choices=("lorax", "peft"), default="lorax",
-        help="lorax: weights as the LoRAX server applies them (default); "
-        "peft: reproduce PEFT's add_weighted_adapter (scalings folded into the factors, "
-        "lora_alpha = r)",
+        "--rank", type=int, metavar="R",
+        help="rank of the merged adapter, R >= 1, for delta-space strategies only (default: the "
+        f"largest input r; {' / '.join(delta_options.CONCAT_STRATEGIES)}: the sum of their r)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--svd-driver", choices=delta_options.SVD_DRIVERS,
+        help=f"SVD routine of {' / '.join(delta_options.SVD_STRATEGIES)}: exact is a full SVD of "
+        "the dense merged delta, as PEFT computes it (default: the fast routine)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--weighting", choices=("lorax", "peft"),
+        help="factor-space strategies only. lorax: weights as the LoRAX server applies them "
+        "(default); peft: reproduce PEFT's add_weighted_adapter (scalings folded into the "
+        "factors, lora_alpha = r)",
     )  # fmt: skip
     parser.add_argument(
         "--overwrite", action="store_true",
@@ -213,7 +222,9 @@ def _peft_differences(args: argparse.Namespace, inputs: Sequence[Adapter]) -> li
     ]
 
 
-def _plan(args: argparse.Namespace, inputs: Sequence[Adapter], device: Any) -> report.MergePlan:
+def _plan(
+    args: argparse.Namespace, inputs: Sequence[Adapter], device: Any, rank: int
+) -> report.MergePlan:
     """Weights, the strategy actually run and its seed, and the options recorded."""
     strategy = args.strategy
     if args.weighting == "peft" and len(inputs) == 1:
@@ -221,6 +232,7 @@ def _plan(args: argparse.Namespace, inputs: Sequence[Adapter], device: Any) -> r
     seed = None
     if STRATEGIES[strategy].is_random:
         seed = args.seed if args.seed is not None else secrets.randbelow(_MAX_SEED + 1)
+    delta = delta_options.is_delta(strategy)
     return report.MergePlan(
         strategy=strategy,
         weighting=args.weighting,
@@ -235,6 +247,8 @@ def _plan(args: argparse.Namespace, inputs: Sequence[Adapter], device: Any) -> r
         allow_nonfinite=args.allow_nonfinite,
         average_modules_to_save=args.average_modules_to_save,
         differences_from_peft=_peft_differences(args, inputs),
+        rank=rank if delta else None,
+        svd_driver=args.svd_driver if delta else None,
     )
 
 
@@ -245,6 +259,11 @@ def _read_configs(args: argparse.Namespace, inputs: Sequence[Adapter]) -> dict[s
         configs.check_fields(adapter)
         configs.check_supported(adapter, args.average_modules_to_save)
     configs.check_agreement(inputs, args.allow_different_base)
+    if delta_options.is_delta(args.strategy):
+        rank = delta_options.merge_rank(args.strategy, args.rank, inputs)
+        merged = delta_options.delta_config(inputs, rank)
+        configs.finish_config(merged, inputs, args.average_modules_to_save)
+        return merged
     try:
         merged = merge_adapter_configs(
             [a.config for a in inputs], [a.shown for a in inputs], weighting=args.weighting
@@ -297,6 +316,9 @@ def _run(argv: Sequence[str], guard: out_folder.CommitGuard) -> int:
     started = time.perf_counter()
     _check_numbers(args)
     device = _resolve_device(args.device)
+    delta_options.check_options(args, device)
+    if not delta_options.is_delta(args.strategy) and args.weighting is None:
+        args.weighting = "lorax"
     inputs = [Adapter(arg, check_input_dir(arg, i)) for i, arg in enumerate(args.adapters, 1)]
     output = out_folder.output_path(args.output)
     out_folder.check_output(output, args.output, inputs, args.overwrite)
@@ -304,7 +326,7 @@ def _run(argv: Sequence[str], guard: out_folder.CommitGuard) -> int:
     config = _read_configs(args, inputs)
     scalings = _peft_scalings(args, inputs)
     _read_tensors(args, inputs)
-    plan = _plan(args, inputs, device)
+    plan = _plan(args, inputs, device, config["r"])
     tensors = merging.merge(plan, inputs, scalings, device)
     if not args.allow_nonfinite:
         merging.check_finite_outputs(tensors, plan, inputs, scalings)

@@ -10,7 +10,9 @@ import torch
 
 from ..adapter_configs import lora_factor
 from ..adapters import merge_adapters
+from ..delta_adapters import merge_adapters_delta
 from .common import CliError, one_line, quoted
+from .delta_options import is_delta
 from .inputs import Adapter
 from .report import MergePlan, Progress
 
@@ -136,8 +138,10 @@ def merge(
 ) -> dict[str, torch.Tensor]:
     """Merge every tensor; returns the results on the CPU, contiguous, with sorted names.
 
-    LoRA factors go through :func:`lorax_merge.merge_adapters`; other tensors (full
-    weights, present only when they are to be averaged) are averaged with the raw weights.
+    LoRA factors go through :func:`lorax_merge.merge_adapters` (factor-space strategies) or
+    :func:`lorax_merge.delta_adapters.merge_adapters_delta` (delta-space ones, each adapter scaled
+    by its own configuration); other tensors (full weights, present only when they are to be
+    averaged) are averaged with the raw weights.
     """
     factors: list[dict[str, torch.Tensor]] = []
     full: dict[str, list[tuple[int, torch.Tensor]]] = {}
@@ -150,21 +154,27 @@ def merge(
                 factors[i][name] = tensor
     out_dtype = None if plan.dtype == "auto" else getattr(torch, plan.dtype)
     progress = Progress(len({n for f in factors for n in f}) + len(full), "merging")
+    options = {
+        "strategy": plan.strategy,
+        "density": plan.density,
+        "majority_sign_method": plan.majority_sign_method,
+        "seed": plan.seed,
+        "device": device,
+        "out_dtype": out_dtype or "input",
+        "names": [a.shown for a in inputs],
+        "progress": progress.update,
+    }
     try:
-        merged = merge_adapters(
-            factors,
-            plan.weights,
-            strategy=plan.strategy,
-            density=plan.density,
-            majority_sign_method=plan.majority_sign_method,
-            seed=plan.seed,
-            device=device,
-            out_dtype=out_dtype or "input",
-            weighting=plan.weighting,
-            scalings=scalings,
-            names=[a.shown for a in inputs],
-            progress=progress.update,
-        )
+        if is_delta(plan.strategy):
+            configs = [a.config for a in inputs]
+            merged, _ = merge_adapters_delta(
+                factors, configs, plan.weights, rank=plan.rank, svd_driver=plan.svd_driver,
+                **options,
+            )  # fmt: skip
+        else:
+            merged = merge_adapters(
+                factors, plan.weights, weighting=plan.weighting, scalings=scalings, **options
+            )
         merged.update(_average_full_weights(full, inputs, plan.weights, device, out_dtype))
         progress.update(len(full))
     except (ValueError, TypeError) as exc:

@@ -27,7 +27,7 @@ class MergePlan:
     """The merge as it was run: what the provenance and the summary report."""
 
     strategy: str
-    weighting: str
+    weighting: str | None  # None for delta-space strategies, which --weighting does not apply to
     weights: list[float]
     density: float
     majority_sign_method: str
@@ -39,6 +39,8 @@ class MergePlan:
     allow_nonfinite: bool = False
     average_modules_to_save: bool = False
     differences_from_peft: list[str] = field(default_factory=list)
+    rank: int | None = None  # delta-space strategies: the merged rank
+    svd_driver: str | None = None  # delta-space strategies: --svd-driver, None for the default
 
 
 def provenance(
@@ -64,6 +66,8 @@ def provenance(
         "weights": plan.weights,
         "density": plan.density,
         "majority_sign_method": plan.majority_sign_method,
+        "rank": plan.rank,
+        "svd_driver": plan.svd_driver,
         "seed": plan.seed,
         "seed_derivation": SEED_DERIVATION if plan.seed is not None else None,
         "dtype": plan.dtype,
@@ -94,7 +98,11 @@ def summary(
     """The one paragraph printed on stdout after a merge."""
     spec = STRATEGIES[plan.strategy]
     names = ", ".join(os.path.basename(os.path.normpath(a.arg)) or a.arg for a in inputs)
-    params = [f"weights {' '.join(f'{w:g}' for w in plan.weights)}", f"{plan.weighting} weighting"]
+    params = [f"weights {' '.join(f'{w:g}' for w in plan.weights)}"]
+    if plan.weighting is not None:
+        params.append(f"{plan.weighting} weighting")
+    if spec.uses_svd:
+        params.append(f"svd driver {plan.svd_driver or 'default'}")
     if spec.uses_density:
         params.insert(0, f"density {plan.density:g}")
     if spec.elects_sign:
