@@ -568,10 +568,14 @@ def test_strategy_choices_and_seed_help_come_from_the_strategy_table(capsys):
     with pytest.raises(SystemExit):
         command._parser().parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "{" + ",".join(STRATEGIES) + "}" in text
+    assert "{" + ",".join(strategy_names()) + "}" in text
     seed_help = text.split("options:", 1)[1].split("--seed S", 1)[1].split("--device", 1)[0]
-    named = set(re.findall(r"[a-z_]+", seed_help)) & set(STRATEGIES)
-    assert named == set(strategy_names(space="factor", random=True))
+    named = set(re.findall(r"[a-z_]+", seed_help)) & set(strategy_names())
+    assert named == set(strategy_names(random=True))
+    strategy_help = text.split("options:", 1)[1].split("--strategy {", 1)[1].split("--weights")[0]
+    for space in ("factor", "delta"):
+        listed = strategy_help.split(f"{space.capitalize()} space (", 1)[1].split(")", 1)[0]
+        assert tuple(listed.split(", ")) == strategy_names(space=space)
 
 
 # ------------------------------------------------------------------------------- real processes
