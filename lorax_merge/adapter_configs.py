@@ -116,6 +116,17 @@ def merge_adapter_configs(
     if len(set(ranks)) > 1:
         listed = ", ".join(f"{n} (r={r})" for n, r in zip(labels, ranks))
         raise ValueError(f"adapters must all have the same rank r to be merged, got: {listed}")
+    merged_modules = union_target_modules(configs, labels)
+
+    updates: dict[str, Any] = {"target_modules": merged_modules}
+    if weighting == "peft":
+        updates.update(lora_alpha=ranks[0], rank_pattern={}, alpha_pattern={}, use_rslora=False)
+    return updated_config(configs[0], updates)
+
+
+def union_target_modules(configs: Sequence[Any], labels: Sequence[str]) -> list[str] | str:
+    """The merged ``target_modules``: the sorted union of the lists, or the regular expressions
+    combined as ``(re1)|(re2)``. Mixing expressions and lists, or an empty union, is an error."""
     modules = [_target_modules(c, n) for c, n in zip(configs, labels)]
     kinds = {isinstance(m, str) for m in modules if m != []}
     if len(kinds) > 1:
@@ -129,18 +140,19 @@ def merge_adapter_configs(
         )
     if kinds == {True}:
         unique = list(dict.fromkeys(m for m in modules if m))
-        merged_modules: list[str] | str = (
+        merged: list[str] | str = (
             unique[0] if len(unique) == 1 else "|".join(f"({m})" for m in unique)
         )
     else:
-        merged_modules = sorted({m for ms in modules for m in ms})
-    if not merged_modules:
+        merged = sorted({m for ms in modules for m in ms})
+    if not merged:
         raise ValueError("cannot merge adapters that have no target modules: " + ", ".join(labels))
+    return merged
 
-    first = configs[0]
-    updates: dict[str, Any] = {"target_modules": merged_modules}
-    if weighting == "peft":
-        updates.update(lora_alpha=ranks[0], rank_pattern={}, alpha_pattern={}, use_rslora=False)
+
+def updated_config(first: Any, updates: Mapping[str, Any]) -> Any:
+    """A copy of ``first`` with ``updates``: a deep-copied dict for a mapping, else a shallow copy
+    of the object with the attributes it has (and ``target_modules``) set."""
     if isinstance(first, Mapping):
         merged = copy.deepcopy(dict(first))
         merged.update(updates)

@@ -9,14 +9,19 @@ the adapters' ``lora_alpha``, ``r`` (ranks may differ) and ``use_rslora``: its c
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ._validation import FLOAT_DTYPES
-from .adapter_configs import peft_scaling
+from .adapter_configs import (
+    adapter_labels,
+    config_value,
+    peft_scaling,
+    union_target_modules,
+    updated_config,
+)
 from .delta import compute_dtype, merge_lora_module
 from .seeds import derive_tensor_seed, draw_seed
 from .strategy_table import STRATEGIES, SVD, strategy_names
@@ -185,29 +190,6 @@ def merge_state_dicts_delta(
     return {name: merged[name] for name in sorted(merged)}
 
 
-def _union_target_modules(configs: Sequence[Any], labels: list[str]) -> list[str] | str:
-    modules = [_get(c, "target_modules") or [] for c in configs]
-    strings = [m for m in modules if isinstance(m, str)]
-    if strings and len(strings) != len(modules):
-        raise ValueError(
-            "cannot merge adapters whose target_modules mix regular expressions and lists: "
-            + ", ".join(labels)
-        )
-    if strings:
-        unique = list(dict.fromkeys(strings))
-        return unique[0] if len(unique) == 1 else "|".join(f"({m})" for m in unique)
-    union = sorted({m for ms in modules for m in ms})
-    if not union:
-        raise ValueError("cannot merge adapters that have no target modules: " + ", ".join(labels))
-    return union
-
-
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    if isinstance(config, Mapping):
-        return config.get(key, default)
-    return getattr(config, key, default)
-
-
 def delta_adapter_config(
     configs: Sequence[Any], rank: int, names: Sequence[str] | None = None
 ) -> Any:
@@ -219,24 +201,16 @@ def delta_adapter_config(
     """
     if not configs:
         raise ValueError("no adapters to merge")
-    labels = [f"adapter {i}" for i in range(len(configs))] if names is None else list(names)
+    labels = adapter_labels(names, len(configs))
     updates = {
         "r": rank,
         "lora_alpha": rank,
         "use_rslora": False,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "target_modules": _union_target_modules(configs, labels),
+        "target_modules": union_target_modules(configs, labels),
     }
-    first = configs[0]
-    if isinstance(first, Mapping):
-        merged = copy.deepcopy(dict(first))
-        merged.update(updates)
-        return merged
-    merged = copy.copy(first)
-    for key, value in updates.items():
-        setattr(merged, key, value)
-    return merged
+    return updated_config(configs[0], updates)
 
 
 def merge_adapters_delta(
@@ -265,7 +239,7 @@ def merge_adapters_delta(
     labels = [f"adapter {i}" for i in range(len(configs))] if names is None else list(names)
     scalings = [peft_scaling(c, n) for c, n in zip(configs, labels)]
     if rank is None and strategy in STRATEGIES:
-        config_ranks = [int(_get(c, "r")) for c in configs]
+        config_ranks = [int(config_value(c, "r")) for c in configs]
         concat = STRATEGIES[strategy].refactor == "concat"
         rank = sum(config_ranks) if concat else max(config_ranks)
     tensors = merge_state_dicts_delta(

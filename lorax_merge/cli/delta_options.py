@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..delta_adapters import delta_adapter_config
-from ..lowrank import CPU_SVD_DRIVERS, CUDA_SVD_DRIVERS
+from ..lowrank import CPU_SVD_DRIVERS, CUDA_SVD_DRIVERS, check_svd_driver
 from ..strategy_table import STRATEGIES, strategy_names
 from .common import CliError
 from .inputs import Adapter
@@ -72,16 +72,10 @@ def check_options(args: argparse.Namespace, device: Any) -> None:
             f"--svd-driver applies to the strategies that truncate by an SVD "
             f"({', '.join(SVD_STRATEGIES)}); {strategy} concatenates the factors exactly"
         )
-    if driver in CUDA_SVD_DRIVERS and device.type != "cuda":
-        raise CliError(
-            f"--svd-driver {driver} is a cuSOLVER routine and needs a CUDA device, but the merge "
-            f"runs on {device}; use exact or {', '.join(CPU_SVD_DRIVERS)} there, or leave it out"
-        )
-    if driver in CPU_SVD_DRIVERS and device.type != "cpu":
-        raise CliError(
-            f"--svd-driver {driver} is LAPACK's CPU routine, but the merge runs on {device}; use "
-            f"exact or one of {', '.join(CUDA_SVD_DRIVERS)} there, or leave it out"
-        )
+    try:
+        check_svd_driver(driver, device)
+    except ValueError as error:  # a driver that does not exist on the merge's device
+        raise CliError("--svd-driver " + str(error).removeprefix("svd_driver: ")) from None
 
 
 def merge_rank(strategy: str, requested: int | None, inputs: Sequence[Adapter]) -> int:
