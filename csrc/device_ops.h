@@ -3,6 +3,8 @@
 //   static void fused_merge_many(const std::vector<MergeRequest>&);
 //   static void majority_sign_mask(const at::Tensor& stacked, SignElection, at::Tensor& mask);
 //   static void disjoint_merge(const at::Tensor& stacked, const at::Tensor& mask, at::Tensor& out);
+//   static void magnitude_thresholds(const std::vector<at::Tensor>& tasks, double density,
+//                                    at::Tensor& out);  // int64 [N, 2]: key, cut per task
 // and calls register_device_ops<Kernels>(m) from its TORCH_LIBRARY_IMPL block. Arguments are
 // checked, and outputs allocated, by merge_request.h's functions.
 #pragma once
@@ -57,6 +59,30 @@ struct DeviceOps {
     return outs;
   }
 
+  // A merge of the slice [index_offset, index_offset + numel) of larger tensors, whose
+  // magnitude thresholds (from magnitude_thresholds) are given or, when absent, selected
+  // from the slice itself.
+  static void merge_slice_out(at::TensorList tasks, const at::Tensor& weights,
+                              c10::string_view pruning, c10::string_view election, double density,
+                              bool rescale, int64_t seed, int64_t index_offset,
+                              const std::optional<at::Tensor>& thresholds, const at::Tensor& out) {
+    MergeRequest request =
+        make_request(tasks, weights, pruning, election, density, rescale, seed, 0, out);
+    request.index_offset = index_offset;
+    request.thresholds = check_slice(thresholds.value_or(at::Tensor()), index_offset,
+                                     request.num_tasks(), request.tasks[0]);
+    Kernels::fused_merge(request);
+  }
+
+  static at::Tensor magnitude_thresholds(at::TensorList tasks, double density) {
+    at::Tensor out = new_thresholds_output(tasks, density);
+    std::vector<at::Tensor> contiguous;
+    contiguous.reserve(tasks.size());
+    for (const at::Tensor& t : tasks) contiguous.push_back(t.contiguous());
+    Kernels::magnitude_thresholds(contiguous, density, out);
+    return out;
+  }
+
   static at::Tensor magnitude_prune(const at::Tensor& x, double density) {
     at::Tensor out = new_merge_output({x}, x.scalar_type());
     Kernels::fused_merge(
@@ -96,6 +122,8 @@ void register_device_ops(torch::Library& m) {
   m.impl("random_prune", &Ops::random_prune);
   m.impl("majority_sign_mask", &Ops::majority_sign_mask);
   m.impl("disjoint_merge", &Ops::disjoint_merge);
+  m.impl("merge_slice_out", &Ops::merge_slice_out);
+  m.impl("magnitude_thresholds", &Ops::magnitude_thresholds);
 }
 
 }  // namespace lorax_merge

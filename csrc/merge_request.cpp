@@ -184,6 +184,31 @@ std::vector<MergeRequest> make_group_requests(at::TensorList tasks, at::IntArray
   return requests;
 }
 
+at::Tensor new_thresholds_output(at::TensorList tasks, double density) {
+  check_tasks(tasks);
+  check_density(density);
+  return at::empty({static_cast<int64_t>(tasks.size()), 2}, tasks[0].options().dtype(at::kLong));
+}
+
+at::Tensor check_slice(const at::Tensor& thresholds, int64_t index_offset, int64_t num_tasks,
+                       const at::Tensor& first_task) {
+  TORCH_CHECK_VALUE(index_offset >= 0, "lorax_merge: index_offset must be >= 0, got ",
+                    index_offset);
+  if (!thresholds.defined()) return thresholds;
+  TORCH_CHECK_TYPE(thresholds.scalar_type() == at::kLong,
+                   "lorax_merge: thresholds must be an int64 tensor, got dtype ",
+                   thresholds.scalar_type());
+  TORCH_CHECK_VALUE(
+      thresholds.dim() == 2 && thresholds.size(0) == num_tasks && thresholds.size(1) == 2,
+      "lorax_merge: thresholds must have shape [", num_tasks,
+      ", 2] (one key and cut per "
+      "task), got ",
+      thresholds.sizes());
+  TORCH_CHECK_VALUE(thresholds.device() == first_task.device(), "lorax_merge: thresholds is on ",
+                    thresholds.device(), " but the task tensors are on ", first_task.device());
+  return thresholds.contiguous();
+}
+
 std::vector<double> host_weights(const at::Tensor& weights) {
   // Read in place for the usual dtypes: a batch has one small weights view per group, and
   // a temporary tensor per group would cost more than the merge of a small one.

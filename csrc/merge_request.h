@@ -22,6 +22,12 @@ struct MergeRequest {
   int64_t seed = 0;
   int64_t first_stream = 0;  // task i draws from random stream first_stream + i
   at::Tensor out;            // contiguous, the tasks' shape, written in full
+  // A slice of larger tensors: element j of the tasks is flat index index_offset + j of
+  // theirs (DARE draws and tie cuts use that index), and `thresholds`, when defined, holds
+  // their magnitude thresholds (int64 [num_tasks, 2]: key, cut; on the tasks' device)
+  // instead of thresholds selected from the slice.
+  int64_t index_offset = 0;
+  at::Tensor thresholds;
 
   int64_t numel() const { return out.numel(); }
   int64_t num_tasks() const { return static_cast<int64_t>(tasks.size()); }
@@ -71,6 +77,14 @@ at::Tensor new_disjoint_merge_output(const at::Tensor& stacked, const at::Tensor
 
 // The weight of a one-task merge (pruning alone): 1, as a 1-D double tensor.
 at::Tensor unit_weight();
+// magnitude_thresholds' output, after checking the tasks and the density: int64 [N, 2] on the
+// tasks' device.
+at::Tensor new_thresholds_output(at::TensorList tasks, double density);
+
+// Checks a precomputed thresholds tensor (int64 [num_tasks, 2] on the tasks' device) and
+// the flat-index offset of a slice; returns the thresholds, contiguous.
+at::Tensor check_slice(const at::Tensor& thresholds, int64_t index_offset, int64_t num_tasks,
+                       const at::Tensor& first_task);
 
 // Host copy of the weights as doubles (the weights tensor must be on the CPU).
 std::vector<double> host_weights(const at::Tensor& weights);

@@ -36,6 +36,10 @@ TORCH_LIBRARY(lorax_merge, m) {
   m.def("random_prune(Tensor x, float density, bool rescale, int seed, int stream) -> Tensor");
   m.def("majority_sign_mask(Tensor stacked, str method) -> Tensor");
   m.def("disjoint_merge(Tensor stacked, Tensor mask) -> Tensor");
+  m.def(
+      "merge_slice_out(Tensor[] tasks, Tensor weights, str pruning, str election, float density, "
+      "bool rescale, int seed, int index_offset, Tensor? thresholds, Tensor(a!) out) -> ()");
+  m.def("magnitude_thresholds(Tensor[] tasks, float density) -> Tensor");
 }
 
 }  // namespace lorax_merge

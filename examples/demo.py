@@ -46,7 +46,8 @@ except ImportError:  # running from a source checkout that is not installed
 # lorax-merge runs as `python -m lorax_merge`, finding the same package as this script.
 PACKAGE_ROOT = str(Path(lorax_merge.__file__).resolve().parent.parent)
 
-STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+from lorax_merge.strategy_table import STRATEGIES  # noqa: E402
+
 WEIGHTS = ("1.0", "0.6", "0.4")
 DENSITY = "0.5"
 SEED = "1234"
@@ -61,9 +62,9 @@ def run_merge(
         str(output.relative_to(work)),
     ]
     args += ["--strategy", strategy, "--weights", *WEIGHTS]
-    if strategy != "linear":
+    if STRATEGIES[strategy].uses_density:
         args += ["--density", DENSITY]
-    if strategy.startswith("dare"):
+    if STRATEGIES[strategy].is_random:
         args += ["--seed", SEED]
     args += extra
     args.append("--overwrite")

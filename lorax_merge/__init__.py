@@ -1,17 +1,22 @@
 """Fast, exact merging of LoRA adapters with the LoRAX strategies (linear, TIES, DARE).
 
-The work runs in compiled ops (``torch.ops.lorax_merge``) with a CPU and a CUDA kernel each;
-this package is the thin Python layer: argument checks, dtype rules and the strategy
-registry.
+The work runs in compiled ops (``torch.ops.lorax_merge``) with a CPU and a CUDA kernel each.
+The Python package around them converts arguments and names bad ones (``api``, ``utils``),
+holds the strategy table and the strategy classes (``strategy_table``, ``strategies``), the seed
+rule (``seeds``), whole-adapter merging (``adapters``, ``adapter_configs``), the LoRAX server
+drop-in (``lorax_server``) and the ``lorax-merge`` command (``cli``).
 """
 
 from . import (
+    _cli_startup,  # noqa: F401  (first: Ctrl-C while the command still loads torch)
     _ops,  # noqa: F401  (registers the ops before anything uses them)
     strategies,
     utils,
 )
-from .adapters import derive_tensor_seed, merge_adapter_configs, merge_adapters
-from .api import build_info, derive_seed, draw_seed, merge, merge_many
+from .adapter_configs import merge_adapter_configs
+from .adapters import merge_adapters
+from .api import build_info, merge, merge_many
+from .seeds import derive_group_seed, derive_seed, derive_tensor_seed, draw_seed
 from .strategies import MergeStrategy, strategy_registry
 
 __version__ = "0.1.0"
@@ -19,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "build_info",
+    "derive_group_seed",
     "derive_seed",
     "derive_tensor_seed",
     "draw_seed",

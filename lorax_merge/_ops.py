@@ -24,25 +24,27 @@ def cpu_capability() -> str:
     return _C.cpu_capability()
 
 
-def _register_fake(name: str):
-    register = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract
-    return register(f"lorax_merge::{name}")
+def _fake_kernel(kernel):
+    """Registers ``kernel`` as the fake kernel of the op it is named after."""
+    torch.library.register_fake(f"lorax_merge::{kernel.__name__}")(kernel)
+    return kernel
 
 
-@_register_fake("merge")
-def _merge_fake(tasks, weights, pruning, election, density, rescale, seed, out_dtype):
+# Each fake kernel is named after its op (names only here, so that no op name is written twice).
+
+
+@_fake_kernel
+def merge(tasks, weights, pruning, election, density, rescale, seed, out_dtype):
     return tasks[0].new_empty(tasks[0].shape, dtype=out_dtype)
 
 
-@_register_fake("merge_out")
-def _merge_out_fake(tasks, weights, pruning, election, density, rescale, seed, out):
+@_fake_kernel
+def merge_out(tasks, weights, pruning, election, density, rescale, seed, out):
     return None
 
 
-@_register_fake("merge_many")
-def _merge_many_fake(
-    tasks, group_sizes, weights, pruning, election, density, rescale, seeds, out_dtype
-):
+@_fake_kernel
+def merge_many(tasks, group_sizes, weights, pruning, election, density, rescale, seeds, out_dtype):
     outs, offset = [], 0
     for size in group_sizes:
         outs.append(tasks[offset].new_empty(tasks[offset].shape, dtype=out_dtype))
@@ -50,22 +52,34 @@ def _merge_many_fake(
     return outs
 
 
-@_register_fake("magnitude_prune")
-def _magnitude_prune_fake(x, density):
+@_fake_kernel
+def magnitude_prune(x, density):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@_register_fake("random_prune")
-def _random_prune_fake(x, density, rescale, seed, stream):
+@_fake_kernel
+def random_prune(x, density, rescale, seed, stream):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@_register_fake("majority_sign_mask")
-def _majority_sign_mask_fake(stacked, method):
+@_fake_kernel
+def majority_sign_mask(stacked, method):
     return stacked.new_empty(stacked.shape, dtype=torch.bool)
 
 
-@_register_fake("disjoint_merge")
-def _disjoint_merge_fake(stacked, mask):
+@_fake_kernel
+def disjoint_merge(stacked, mask):
     dtype = torch.promote_types(stacked.dtype, torch.float32)
     return stacked.new_empty(stacked.shape[1:], dtype=dtype)
+
+
+@_fake_kernel
+def merge_slice_out(
+    tasks, weights, pruning, election, density, rescale, seed, index_offset, thresholds, out
+):
+    return None
+
+
+@_fake_kernel
+def magnitude_thresholds(tasks, density):
+    return tasks[0].new_empty((len(tasks), 2), dtype=torch.int64)

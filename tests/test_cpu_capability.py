@@ -29,6 +29,7 @@ from reference import assert_merge_matches, magnitude_keep_mask, reference_merge
 
 import lorax_merge
 from lorax_merge import _C, utils
+from lorax_merge.strategy_table import STRATEGIES as STRATEGY_SPECS
 
 _INT_OF_WIDTH = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
@@ -226,3 +227,38 @@ def test_an_unknown_or_unsupported_level_is_refused_naming_the_supported_ones(va
     assert all(level in last for level in CPU_CAPABILITIES), last
     with pytest.raises(ValueError, match="supported here: " + ", ".join(CPU_CAPABILITIES)):
         _C._set_cpu_capability(value)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 4097])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_slice_merges_like_the_whole_at_every_level(cpu_capability, strategy, offset):
+    """merge_slice_out of [offset, offset + m), with the whole tensors' magnitude thresholds,
+    gives the whole merge's elements there: random words and tie cuts follow the flat index,
+    an odd offset included."""
+    spec = STRATEGY_SPECS[strategy]
+    tasks = make_tasks(3, (20_011,), torch.float32, "normal", seed=17)
+    weights = torch.tensor([0.5, -1.25, 2.0])
+    density = 0.4 if spec.uses_density else 1.0
+    election = "total" if spec.elects_sign else "none"
+    whole = torch.empty(tasks[0].shape)
+    torch.ops.lorax_merge.merge_out(
+        tasks, weights, spec.pruning, election, density, spec.rescale, 7, whole
+    )
+    thresholds = None
+    if spec.pruning == "magnitude":
+        thresholds = torch.ops.lorax_merge.magnitude_thresholds(tasks, density)
+    size = 10_001
+    part = torch.empty(size)
+    torch.ops.lorax_merge.merge_slice_out(
+        [t[offset : offset + size] for t in tasks],
+        weights,
+        spec.pruning,
+        election,
+        density,
+        spec.rescale,
+        7,
+        offset,
+        thresholds,
+        part,
+    )
+    assert_same_bits(part, whole[offset : offset + size], f"{strategy} at {cpu_capability}")

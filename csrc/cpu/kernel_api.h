@@ -40,7 +40,10 @@ struct TileMerge {
   uint64_t seed = 0;
   int64_t first_stream = 0;  // task i draws from random stream first_stream + i
   uint32_t keep_bound = 0;   // random pruning keeps an element iff its word < keep_bound
-  void* out = nullptr;       // numel elements of out_type
+  // Flat index of element 0 in the tensors the tasks are a slice of: random words and tie
+  // cuts are those of that index.
+  int64_t index_offset = 0;
+  void* out = nullptr;  // numel elements of out_type
 
   int64_t num_tiles() const { return (numel + kTile - 1) / kTile; }
 };

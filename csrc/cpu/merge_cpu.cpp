@@ -46,6 +46,7 @@ struct PreparedMerge {
   std::vector<const void*> tasks;
   std::vector<double> weights;
   std::vector<MagnitudeThreshold> thresholds;  // per task, magnitude pruning only
+  bool thresholds_given = false;               // precomputed for the whole tensors
   at::ScalarType task_dtype = at::kFloat;
   TileMerge tiles;
 };
@@ -69,7 +70,15 @@ PreparedMerge prepare(const MergeRequest& req) {
   tiles.first_stream = req.first_stream;
   tiles.keep_bound =
       tiles.pruning == Pruning::kRandom ? static_cast<uint32_t>(dare_keep_bound(req.density)) : 0;
+  tiles.index_offset = req.index_offset;
   tiles.out = req.out.data_ptr();
+  if (tiles.pruning == Pruning::kMagnitude && req.thresholds.defined()) {
+    const int64_t* t = req.thresholds.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < req.num_tasks(); ++i) {
+      m.thresholds.push_back(MagnitudeThreshold{static_cast<uint64_t>(t[2 * i]), t[2 * i + 1]});
+    }
+    m.thresholds_given = true;
+  }
   return m;
 }
 
@@ -82,7 +91,7 @@ struct PendingThreshold {
 void select_thresholds(const LevelKernels& kernels, std::vector<PreparedMerge>& merges) {
   std::vector<PendingThreshold> large, small;
   for (auto& m : merges) {
-    if (m.tiles.pruning != Pruning::kMagnitude) continue;
+    if (m.tiles.pruning != Pruning::kMagnitude || m.thresholds_given) continue;
     m.thresholds.resize(m.tasks.size());
     for (int64_t t = 0; t < static_cast<int64_t>(m.tasks.size()); ++t) {
       (m.tiles.numel >= kSerialSelectBelow ? large : small).push_back(PendingThreshold{&m, t});
@@ -160,6 +169,24 @@ void for_each_position_range(int64_t positions, const Fn& fn) {
 
 struct CpuKernels {
   static void fused_merge(const MergeRequest& request) { fused_merge_batch({request}); }
+
+  static void magnitude_thresholds(const std::vector<at::Tensor>& tasks, double density,
+                                   at::Tensor& out) {
+    const LevelKernels& kernels = active_kernels();
+    int64_t* dst = out.data_ptr<int64_t>();
+    for (size_t i = 0; i < tasks.size(); ++i) {
+      const int64_t n = tasks[i].numel();
+      const int64_t k = magnitude_keep_count(density, n);
+      MagnitudeThreshold t{};
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, tasks[i].scalar_type(), "lorax_merge_thresholds", [&] {
+            t = select_magnitude_threshold(kernels, tasks[i].const_data_ptr<scalar_t>(), n, k,
+                                           n >= kSerialSelectBelow);
+          });
+      dst[2 * i] = static_cast<int64_t>(t.key);
+      dst[2 * i + 1] = t.cut;
+    }
+  }
 
   static void fused_merge_many(const std::vector<MergeRequest>& requests) {
     fused_merge_batch(requests);

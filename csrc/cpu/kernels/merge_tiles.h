@@ -13,6 +13,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "../../common/canonical_nan.h"
 #include "../../common/counter_rng.h"
 #include "../../common/keys.h"
 #include "../../common/merge_rule.h"
@@ -46,8 +47,20 @@ inline void load_run(const scalar_t* x, int64_t len, acc_t* v) {
   }
 }
 
-// dst[j] = out_t(v[j]). A double becomes a 16-bit float through float, as c10's 16-bit
-// types are constructed from float.
+// The canonical NaN of a dtype (common/canonical_nan.h): positive, every payload bit set.
+template <typename T>
+inline T canonical_nan() {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "float or double");
+  using bits_t = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  const bits_t bits = static_cast<bits_t>(CanonicalNaN<T>::kBits);
+  T value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+// dst[j] = out_t(v[j]), every NaN written as the dtype's canonical NaN (what
+// common/canonical_nan.h's output_value gives). A double becomes a 16-bit float through
+// float, as c10's 16-bit types are constructed from float.
 template <typename out_t, typename acc_t>
 inline void store_run(const acc_t* v, int64_t len, out_t* dst) {
   if constexpr (std::is_same_v<out_t, c10::Half> || std::is_same_v<out_t, c10::BFloat16>) {
@@ -65,8 +78,15 @@ inline void store_run(const acc_t* v, int64_t len, out_t* dst) {
     } else {
       for (int64_t j = 0; j < len; ++j) bits[j] = float_to_bfloat16(f[j]);
     }
+    for (int64_t j = 0; j < len; ++j) {
+      bits[j] = f[j] != f[j] ? CanonicalNaN<out_t>::kBits : bits[j];
+    }
   } else {
-    for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<out_t>(v[j]);
+    const out_t nan = canonical_nan<out_t>();
+    for (int64_t j = 0; j < len; ++j) {
+      const out_t r = static_cast<out_t>(v[j]);
+      dst[j] = r != r ? nan : r;
+    }
   }
 }
 
@@ -147,11 +167,15 @@ inline void prune_by_magnitude(const scalar_t* x, const acc_t* xv, int64_t base,
 template <typename scalar_t, typename acc_t>
 inline void prune_randomly(const TileMerge& m, int64_t task, const acc_t* xv, int64_t base,
                            int64_t len, acc_t density, acc_t* v) {
-  // Random words in pairs: a tile starts on an even index.
-  alignas(64) uint32_t words[kTile];
+  // The words of the pairs from the one holding the tile's first flat index: a slice at an
+  // odd offset starts on its pair's high word.
+  alignas(64) uint32_t pair_words[kTile + 2];
+  const int64_t first = m.index_offset + base;
+  const int64_t skip = first & 1;
+  uint32_t* words = pair_words;
   const uint64_t key = dare_stream_key(m.seed, static_cast<uint64_t>(m.first_stream + task));
-  const int64_t num_pairs = (len + 1) / 2;
-  const uint64_t first_pair = static_cast<uint64_t>(base / 2);
+  const int64_t num_pairs = (len + skip + 1) / 2;
+  const uint64_t first_pair = static_cast<uint64_t>(first / 2);
   for (int64_t p = 0; p < num_pairs; ++p) {
     const uint64_t bits = dare_pair_bits(key, first_pair + p);
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
@@ -161,6 +185,7 @@ inline void prune_randomly(const TileMerge& m, int64_t task, const acc_t* xv, in
     words[2 * p + 1] = static_cast<uint32_t>(bits >> 32);
 #endif
   }
+  words += skip;
   // word < bound as a signed comparison (both offset by 2^31), which every instruction set
   // has for vectors.
   const int32_t bound = static_cast<int32_t>(m.keep_bound ^ 0x80000000u);
@@ -278,8 +303,6 @@ void merge_tiles_typed(const TileMerge& m, int64_t tile_begin, int64_t tile_end)
   alignas(64) acc_t pruned[kTaskBlock][kTile];
   const acc_t* values[kTaskBlock];
   acc_t weights[kTaskBlock];
-  const bool out_is_acc =
-      m.out_type == (std::is_same_v<acc_t, double> ? ElementType::kDouble : ElementType::kFloat);
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t base = tile * kTile;
     const int64_t len = m.numel - base < kTile ? m.numel - base : kTile;
@@ -292,7 +315,7 @@ void merge_tiles_typed(const TileMerge& m, int64_t tile_begin, int64_t tile_end)
         weights[b] = static_cast<acc_t>(m.weights[t]);
         values[b] = values_of(x, len, pruned[b]);
         if (m.pruning == Pruning::kMagnitude) {
-          prune_by_magnitude(x, values[b], base, len, m.thresholds[t], pruned[b]);
+          prune_by_magnitude(x, values[b], m.index_offset + base, len, m.thresholds[t], pruned[b]);
           values[b] = pruned[b];
         } else if (m.pruning == Pruning::kRandom) {
           prune_randomly<scalar_t>(m, t, values[b], base, len, density, pruned[b]);
@@ -305,12 +328,8 @@ void merge_tiles_typed(const TileMerge& m, int64_t tile_begin, int64_t tile_end)
         add_block<false>(state, count, values, weights, len);
       }
     }
-    if (out_is_acc) {
-      state.finish(static_cast<acc_t*>(m.out) + base, len);
-    } else {
-      state.finish(pruned[0], len);
-      store_tile(m.out_type, pruned[0], len, m.out, base);
-    }
+    state.finish(pruned[0], len);
+    store_tile(m.out_type, pruned[0], len, m.out, base);
   }
 }
 

@@ -56,7 +56,8 @@ void disjoint_merge_typed(const scalar_t* x, const bool* selected, int64_t n, in
       const bool* m = selected + i * positions + base;
       for (int64_t j = 0; j < len; ++j) add_masked(sum[j], count[j], v[j], m[j]);
     }
-    for (int64_t j = 0; j < len; ++j) out[base + j] = masked_mean(sum[j], count[j]);
+    for (int64_t j = 0; j < len; ++j) v[j] = masked_mean(sum[j], count[j]);
+    store_run(v, len, out + base);
   }
 }
 

@@ -1,0 +1,269 @@
+"""Delta-space merging of one LoRA module.
+
+An adapter's effect on a module is its delta ``s_i B_i A_i`` (``d x k``; ``s_i`` its scaling,
+``lora_alpha / r`` or ``lora_alpha / sqrt(r)`` with rsLoRA). Merging the deltas, rather than the
+factors ``A`` and ``B`` element by element, is independent of how each adapter's rank is
+parameterised and has no cross terms ``B_i A_j``; the merged delta is then re-factored:
+
+* ``cat``: the exact sum, at rank ``sum r_i`` (the weighted ``A``'s stacked over the ``B``'s);
+* ``svd``: the exact weighted sum, truncated to rank ``r`` by an SVD computed from the factors
+  (:func:`lorax_merge.lowrank.svd_of_factor_sum`), never forming a ``d x k`` matrix;
+* ``ties_svd``, ``dare_ties_svd``, ``dare_linear_svd``, ``magnitude_prune_svd``: the deltas are
+  merged by the fused kernel of ``ties``, ``dare_ties``, ``dare_linear``, ``magnitude_prune``,
+  exactly as :func:`lorax_merge.merge` would merge the dense deltas, then truncated to rank ``r``.
+
+Memory of the pruned merges does not grow with the number of adapters: each adapter's delta is
+formed once in the output buffer to find its exact magnitude threshold, then the merge streams
+row tiles: every adapter's tile ``s_i B_i[rows] A_i`` is recomputed from the factors and the tiles
+are merged by the fused kernel at their flat-index offset, with the thresholds of the whole
+deltas, so masks, tie cuts and DARE draws are those of a merge of the dense deltas. Peak: the
+merged ``d x k`` buffer, one tile per adapter and the factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _ops
+from ._validation import check_density, check_majority_sign_method, check_seed
+from .api import draw_seed
+from .lowrank import (
+    check_svd_clamp,
+    check_svd_driver,
+    peft_factors,
+    refactor_dense,
+    svd_of_factor_sum,
+)
+from .strategy_table import STRATEGIES, fused_strategy, strategy_names
+
+__all__ = ["merge_lora_module", "merged_delta", "compute_dtype"]
+
+# Elements of one adapter's tile per fused-merge call: 1 MiB of float32 on the CPU (in cache
+# while the tiles are merged), 16 MiB on a GPU (enough blocks to fill it).
+_CPU_TILE_ELEMENTS = 1 << 18
+_CUDA_TILE_ELEMENTS = 1 << 22
+_MASK64 = (1 << 64) - 1
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any tensor is float64, else float32: the dtype deltas are formed in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _op_seed(seed: int) -> int:
+    seed &= _MASK64
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _check_factors(
+    lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], scalings, weights
+) -> tuple[int, int]:
+    count = len(lora_a)
+    if count == 0:
+        raise ValueError("lora_a: no adapters to merge")
+    for arg, values in (("lora_b", lora_b), ("scalings", scalings), ("weights", weights)):
+        if len(values) != count:
+            raise ValueError(
+                f"{arg}: expected {count} entries (one per adapter), got {len(values)}"
+            )
+    d, k = lora_b[0].shape[0], lora_a[0].shape[-1]
+    for i, (a, b) in enumerate(zip(lora_a, lora_b)):
+        for arg, t in (("lora_a", a), ("lora_b", b)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
+                raise ValueError(f"{arg}[{i}]: expected a 2-D floating-point tensor, got {t!r:.80}")
+        if b.shape[1] != a.shape[0] or b.shape[0] != d or a.shape[1] != k:
+            raise ValueError(
+                f"adapter {i}: lora_B {list(b.shape)} and lora_A {list(a.shape)} do not form a "
+                f"{d} x {k} delta of rank {a.shape[0]}"
+            )
+        if a.device != lora_a[0].device or b.device != lora_a[0].device:
+            raise ValueError(f"adapter {i}: factors on {a.device}/{b.device}, expected one device")
+    return d, k
+
+
+def _kernel_args(strategy: str, density: object, majority_sign_method: object):
+    if strategy not in STRATEGIES or STRATEGIES[strategy].space != "delta":
+        raise ValueError(
+            f"strategy: {strategy!r} is not a delta-space strategy; expected one of "
+            f"{', '.join(strategy_names(space='delta'))}"
+        )
+    rule = STRATEGIES[fused_strategy(strategy)]
+    density = check_density(density) if rule.uses_density else 1.0
+    election = check_majority_sign_method(majority_sign_method) if rule.elects_sign else "none"
+    return rule, density, election
+
+
+def merged_delta(
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    weights: Sequence[float],
+    strategy: str,
+    *,
+    density: float = 1.0,
+    majority_sign_method: str = "total",
+    seed: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The dense merged delta of one module, formed tile by tile.
+
+    Equal, bit for bit, to ``lorax_merge.merge([s_i * (B_i @ A_i) ...], weights,
+    fused_strategy(strategy), density=..., majority_sign_method=..., seed=seed)`` with the deltas
+    in the compute dtype, where ``s_i * (B_i @ A_i)`` is computed as ``(B_i @ A_i) * s_i`` (PEFT's
+    ``get_delta_weight``), without holding more than one dense delta.
+
+    Args:
+        lora_a: ``A_i``, ``r_i x k`` (ranks may differ).
+        lora_b: ``B_i``, ``d x r_i``.
+        scalings: ``s_i``.
+        weights: ``w_i`` (applied by the merge rule, after pruning, as in ``merge``).
+        strategy: a delta-space strategy (its element-wise rule is used; ``svd``/``cat``: linear).
+        density, majority_sign_method, seed: as in :func:`lorax_merge.merge`.
+        out: optional ``d x k`` contiguous buffer of the compute dtype, on the factors' device.
+
+    Returns:
+        The ``d x k`` merged delta in :func:`compute_dtype` of the factors.
+    """
+    d, k = _check_factors(lora_a, lora_b, scalings, weights)
+    rule, density, election = _kernel_args(strategy, density, majority_sign_method)
+    seed = check_seed(seed)
+    device = lora_a[0].device
+    dtype = compute_dtype(*lora_a, *lora_b)
+    a_work = [a.to(dtype).contiguous() for a in lora_a]
+    b_work = [b.to(dtype).contiguous() for b in lora_b]
+    scale = [float(s) for s in scalings]
+    if out is None:
+        out = torch.empty(d, k, dtype=dtype, device=device)
+    elif (
+        out.shape != (d, k) or out.dtype != dtype or out.device != device or not out.is_contiguous()
+    ):
+        raise ValueError(f"out: expected a contiguous {d} x {k} {dtype} tensor on {device}")
+    if out.numel() == 0:
+        return out
+    tile = _CUDA_TILE_ELEMENTS if device.type == "cuda" else _CPU_TILE_ELEMENTS
+    rows = max(2, tile // k // 2 * 2)  # even: tiles start at even flat indices
+    starts = range(0, d, rows)
+
+    def delta_tile(i: int, r0: int) -> torch.Tensor:
+        # The same call for the same rows in both passes, so the values are identical.
+        return (b_work[i][r0 : r0 + rows] @ a_work[i]) * scale[i]
+
+    thresholds = None
+    if rule.pruning == "magnitude" and density < 1:
+        per_task = []
+        for i in range(len(a_work)):
+            for r0 in starts:
+                out[r0 : r0 + rows].copy_(delta_tile(i, r0))
+            per_task.append(_ops.ops.magnitude_thresholds([out], density))
+        thresholds = torch.cat(per_task)
+    op_seed = 0
+    if rule.is_random and density < 1:
+        op_seed = _op_seed(draw_seed() if seed is None else seed)
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+    for r0 in starts:
+        tiles = [delta_tile(i, r0) for i in range(len(a_work))]
+        _ops.ops.merge_slice_out(
+            tiles,
+            w,
+            rule.pruning,
+            election,
+            density,
+            rule.rescale,
+            op_seed,
+            r0 * k,
+            thresholds,
+            out[r0 : r0 + rows],
+        )
+    return out
+
+
+def merge_lora_module(
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    weights: Sequence[float],
+    strategy: str,
+    *,
+    rank: int,
+    density: float = 1.0,
+    majority_sign_method: str = "total",
+    seed: int | None = None,
+    svd_driver: str | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = True,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge one module of several adapters in delta space; return ``(lora_A, lora_B)``.
+
+    Args:
+        lora_a, lora_b, scalings, weights: the adapters' factors ``A_i`` (``r_i x k``), ``B_i``
+            (``d x r_i``), scalings ``s_i`` and merge weights ``w_i``; the merged delta is built
+            from ``w_i s_i B_i A_i`` as the strategy says.
+        strategy: ``cat``, ``svd``, ``ties_svd``, ``dare_ties_svd``, ``dare_linear_svd`` or
+            ``magnitude_prune_svd``.
+        rank: rank of the result. ``cat`` needs at least ``sum r_i`` (zero-padded above it).
+        density, majority_sign_method, seed: as in :func:`lorax_merge.merge`, for the strategies
+            that prune; ``seed=None`` draws a DARE seed from torch's default generator.
+        svd_driver: ``None``: the fast exact factor-space SVD for ``svd``, the randomized range
+            finder for the pruned strategies; ``"exact"``: ``torch.linalg.svd`` of the dense merged
+            delta (PEFT's computation); ``"gesvd"``/``"gesvdj"``/``"gesvda"`` (CUDA) or
+            ``"gesdd"`` (CPU): that routine for the SVD (the ``R x R`` core for ``svd``, the dense
+            delta otherwise).
+        svd_clamp: quantile at which both factors are clamped, as in PEFT.
+        svd_full_matrices: passed to ``torch.linalg.svd`` of a dense delta (no effect on the
+            result beyond rounding).
+        out_dtype: dtype of the factors (default: float32, or float64 for float64 factors).
+
+    Returns:
+        ``lora_A`` (``rank x k``) and ``lora_B`` (``d x rank``), contiguous, on the factors'
+        device. Non-finite factors make the SVD strategies' result NaN throughout (``cat``
+        carries them where they are).
+    """
+    _check_factors(lora_a, lora_b, scalings, weights)
+    spec = STRATEGIES.get(strategy) if isinstance(strategy, str) else None
+    _kernel_args(strategy, density, majority_sign_method)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank: expected a positive integer, got {rank!r}")
+    svd_driver = check_svd_driver(svd_driver, lora_a[0].device)
+    svd_clamp = check_svd_clamp(svd_clamp)
+    dtype = out_dtype or compute_dtype(*lora_a, *lora_b)
+    coefficients = [float(w) * float(s) for w, s in zip(weights, scalings)]
+
+    if spec.refactor == "concat":
+        total = sum(a.shape[0] for a in lora_a)
+        if rank < total:
+            raise ValueError(f"rank: cat keeps every adapter's rank, needs >= {total}, got {rank}")
+        # PEFT's arithmetic: A_i * w_i * s_i in the factors' dtype.
+        cat_a = torch.cat([a * float(w) * float(s) for a, w, s in zip(lora_a, weights, scalings)])
+        cat_b = torch.cat(list(lora_b), dim=1)
+        return _padded_concat(cat_a, cat_b, rank, dtype)
+
+    if spec.pruning == "none" and svd_driver != "exact":
+        u, s, vh = svd_of_factor_sum(list(lora_b), list(lora_a), coefficients, driver=svd_driver)
+    else:
+        delta = merged_delta(
+            lora_a,
+            lora_b,
+            scalings,
+            weights,
+            strategy,
+            density=density,
+            majority_sign_method=majority_sign_method,
+            seed=seed,
+        )
+        u, s, vh = refactor_dense(delta, rank, driver=svd_driver, full_matrices=svd_full_matrices)
+        del delta
+    return peft_factors(u, s, vh, rank, clamp=svd_clamp, dtype=dtype)
+
+
+def _padded_concat(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated factors zero-padded to ``rank``, as in PEFT's zero-initialised target."""
+    extra = rank - lora_a.shape[0]
+    if extra:
+        lora_a = torch.cat([lora_a, lora_a.new_zeros(extra, lora_a.shape[1])])
+        lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], extra)], dim=1)
+    return lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous()

@@ -1,0 +1,255 @@
+"""Truncated SVDs of merged LoRA deltas, returned in PEFT's layout.
+
+A merged delta ``M`` (``d x k``) becomes the LoRA factors ``lora_B = U_r diag(S_r)`` (``d x r``)
+and ``lora_A = Vh_r`` (``r x k``), optionally clamped at a quantile of their entries, as PEFT's
+``add_weighted_adapter`` does. Three ways to the SVD:
+
+* :func:`svd_of_factor_sum`: ``M = sum_i c_i B_i A_i`` given by its factors. The stacked
+  factors ``[c_1 B_1 ... c_N B_N]`` (``d x R``) and ``[A_1; ...; A_N]^T`` (``k x R``) have thin
+  QR factorisations ``Q_b R_b`` and ``Q_a R_a``, so ``M = Q_b (R_b R_a^T) Q_a^T`` and the SVD of
+  the ``R x R`` core gives the exact SVD of ``M`` in ``O((d + k) R^2)``, without ``M``.
+* :func:`randomized_svd`: a randomized range finder with power iterations (Halko, Martinsson
+  and Tropp, 2011) on a dense ``M``: a few products of ``M`` with ``d x l`` and ``k x l``
+  matrices instead of an ``O(d k min(d, k))`` factorisation.
+* :func:`dense_svd`: ``torch.linalg.svd`` of the dense ``M``, as PEFT computes it.
+
+Small (factor-sized) linear algebra runs in float64 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+__all__ = [
+    "CUDA_SVD_DRIVERS",
+    "CPU_SVD_DRIVERS",
+    "RANGE_FINDER_SEED",
+    "check_svd_driver",
+    "check_svd_clamp",
+    "dense_svd",
+    "peft_factors",
+    "randomized_svd",
+    "svd_of_factor_sum",
+]
+
+#: ``torch.linalg.svd`` drivers of cuSOLVER (CUDA tensors only).
+CUDA_SVD_DRIVERS: tuple[str, ...] = ("gesvd", "gesvdj", "gesvda")
+#: LAPACK's divide-and-conquer SVD, torch's CPU routine (CPU tensors only).
+CPU_SVD_DRIVERS: tuple[str, ...] = ("gesdd",)
+#: Seed of the range finder's Gaussian test matrix: the refactoring is deterministic.
+RANGE_FINDER_SEED = 0x5EED
+
+_WORK = torch.float64
+_QUANTILE_LIMIT = 1 << 24  # torch.quantile refuses larger inputs
+_FINITE_CHUNK = 1 << 22
+
+
+def check_svd_driver(driver: object, device: torch.device) -> str | None:
+    """Validate ``svd_driver`` for tensors on ``device``.
+
+    ``None`` (the fast default), ``"exact"`` (a full SVD of the dense delta, as PEFT computes
+    it), a cuSOLVER driver (``"gesvd"``, ``"gesvdj"``, ``"gesvda"``; CUDA only) or LAPACK's
+    ``"gesdd"`` (CPU only).
+
+    Raises:
+        ValueError: an unknown driver, or one that does not exist on ``device``.
+    """
+    if driver is None or driver == "exact":
+        return driver
+    known = CUDA_SVD_DRIVERS + CPU_SVD_DRIVERS
+    if not isinstance(driver, str) or driver not in known:
+        raise ValueError(
+            f"svd_driver: unknown driver {driver!r}; expected None, 'exact' or one of "
+            f"{', '.join(known)}"
+        )
+    if driver in CUDA_SVD_DRIVERS and device.type != "cuda":
+        raise ValueError(
+            f"svd_driver: {driver!r} is a cuSOLVER driver and needs CUDA tensors; the adapters "
+            f"are on {device} (use None, 'exact' or 'gesdd' there)"
+        )
+    if driver in CPU_SVD_DRIVERS and device.type != "cpu":
+        raise ValueError(
+            f"svd_driver: {driver!r} is LAPACK's CPU driver; the adapters are on {device} "
+            f"(use None, 'exact' or one of {', '.join(CUDA_SVD_DRIVERS)} there)"
+        )
+    return driver
+
+
+def check_svd_clamp(clamp: object) -> float | None:
+    """Validate ``svd_clamp``: None or a quantile in [0, 1]."""
+    if clamp is None:
+        return None
+    if isinstance(clamp, bool) or not isinstance(clamp, numbers.Real):
+        raise ValueError(f"svd_clamp: expected None or a number in [0, 1], got {clamp!r}")
+    value = float(clamp)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"svd_clamp: the quantile must be in [0, 1], got {clamp!r}")
+    return value
+
+
+def torch_driver(driver: str | None) -> str | None:
+    """The ``driver=`` argument of ``torch.linalg.svd`` for one of our driver names."""
+    return driver if driver in CUDA_SVD_DRIVERS else None
+
+
+def _finite_flag(*tensors: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: every entry of every tensor is finite (no host synchronisation)."""
+    flag = torch.ones((), dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        # In chunks: a bool mask the size of a large delta would add a quarter of it to the peak.
+        for chunk in t.reshape(-1).split(_FINITE_CHUNK):
+            flag = flag & torch.isfinite(chunk).all()
+    return flag
+
+
+def _orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y.to(_WORK)).Q
+
+
+def svd_of_factor_sum(
+    b_factors: list[torch.Tensor],
+    a_factors: list[torch.Tensor],
+    coefficients: list[float],
+    *,
+    driver: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact thin SVD of ``M = sum_i c_i B_i A_i`` from the factors, without forming ``M``.
+
+    Args:
+        b_factors: ``B_i``, ``d x r_i``.
+        a_factors: ``A_i``, ``r_i x k``.
+        coefficients: ``c_i`` (weight times scaling).
+        driver: ``torch.linalg.svd`` driver of the small core SVD (see :func:`torch_driver`).
+
+    Returns:
+        ``(U, S, Vh)`` in float64 with ``m = min(d, k, sum r_i)`` singular triplets, descending.
+        A non-finite entry in any ``c_i B_i`` or ``A_i`` makes all three entirely NaN.
+    """
+    b_stack = torch.cat([b.to(_WORK) * float(c) for b, c in zip(b_factors, coefficients)], dim=1)
+    a_stack = torch.cat([a.to(_WORK) for a in a_factors], dim=0)
+    finite = _finite_flag(b_stack, a_stack)
+    # LAPACK may refuse non-finite input: factor zeros instead and poison the result.
+    b_stack = torch.nan_to_num(b_stack, nan=0.0, posinf=0.0, neginf=0.0)
+    a_stack = torch.nan_to_num(a_stack, nan=0.0, posinf=0.0, neginf=0.0)
+    q_b, r_b = torch.linalg.qr(b_stack)
+    q_a, r_a = torch.linalg.qr(a_stack.mT)
+    u_core, s, vh_core = torch.linalg.svd(
+        r_b @ r_a.mT, full_matrices=False, driver=torch_driver(driver)
+    )
+    u, vh = q_b @ u_core, vh_core @ q_a.mT
+    nan = torch.tensor(math.nan, dtype=_WORK, device=u.device)
+    return tuple(torch.where(finite, x, nan) for x in (u, s, vh))  # type: ignore[return-value]
+
+
+def randomized_svd(
+    matrix: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int | None = None,
+    power_iterations: int = 2,
+    seed: int = RANGE_FINDER_SEED,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` SVD of a dense matrix by a randomized range finder.
+
+    ``l = rank + oversample`` Gaussian test vectors (drawn from a generator seeded with
+    ``seed``, never the global one), ``power_iterations`` rounds of ``M^T``/``M`` products with
+    re-orthonormalisation, then the exact SVD of the ``l x k`` projection ``Q^T M``. When
+    ``l >= min(d, k)`` the range is captured whole and the result is exact.
+
+    ``matrix`` must be finite (see :func:`refactor_dense`). Products with ``matrix`` run in
+    its dtype; the ``l``-column bases and the small SVD in float64.
+
+    Returns:
+        ``(U, S, Vh)`` in float64 with ``min(rank, d, k)`` triplets.
+    """
+    d, k = matrix.shape
+    extra = max(10, rank) if oversample is None else oversample
+    width = min(rank + extra, d, k)
+    gen = torch.Generator(device=matrix.device).manual_seed(seed)
+    test = torch.randn(k, width, generator=gen, device=matrix.device, dtype=matrix.dtype)
+    basis = _orthonormal_basis(matrix @ test)
+    for _ in range(power_iterations):
+        co_basis = _orthonormal_basis(matrix.mT @ basis.to(matrix.dtype))
+        basis = _orthonormal_basis(matrix @ co_basis.to(matrix.dtype))
+    projected = (matrix.mT @ basis.to(matrix.dtype)).mT.to(_WORK)  # Q^T M, width x k
+    u_small, s, vh = torch.linalg.svd(projected, full_matrices=False)
+    keep = min(rank, width)
+    return (basis @ u_small)[:, :keep], s[:keep], vh[:keep]
+
+
+def dense_svd(
+    matrix: torch.Tensor, *, full_matrices: bool = True, driver: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd`` of the dense matrix, as PEFT calls it (``matrix`` must be finite)."""
+    return torch.linalg.svd(matrix, full_matrices=full_matrices, driver=torch_driver(driver))
+
+
+def refactor_dense(
+    matrix: torch.Tensor,
+    rank: int,
+    *,
+    driver: str | None = None,
+    full_matrices: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` SVD of a dense merged delta, which it may overwrite.
+
+    ``driver=None`` uses :func:`randomized_svd`, any other driver :func:`dense_svd`. Non-finite
+    entries are zeroed in place before the factorisation and make the whole result NaN.
+    """
+    finite = _finite_flag(matrix)
+    torch.nan_to_num_(matrix, nan=0.0, posinf=0.0, neginf=0.0)
+    if driver is None:
+        u, s, vh = randomized_svd(matrix, rank)
+    else:
+        u, s, vh = dense_svd(matrix, full_matrices=full_matrices, driver=driver)
+    nan = torch.tensor(math.nan, dtype=u.dtype, device=u.device)
+    return tuple(torch.where(finite, x, nan) for x in (u, s, vh))  # type: ignore[return-value]
+
+
+def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation), for inputs of any size."""
+    if values.numel() <= _QUANTILE_LIMIT:
+        return torch.quantile(values, q)
+    position = q * (values.numel() - 1)
+    below = int(math.floor(position))
+    above = min(below + 1, values.numel() - 1)
+    lo = torch.kthvalue(values, below + 1).values
+    hi = torch.kthvalue(values, above + 1).values
+    return torch.lerp(lo, hi, position - below)
+
+
+def peft_factors(
+    u: torch.Tensor,
+    s: torch.Tensor,
+    vh: torch.Tensor,
+    rank: int,
+    *,
+    clamp: float | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A, lora_B)`` from an SVD, in PEFT's layout.
+
+    ``lora_B = U[:, :rank] @ diag(S[:rank])`` and ``lora_A = Vh[:rank]``; with ``clamp``, both are
+    clamped to ``[-h, h]`` where ``h`` is the ``clamp`` quantile of all their entries together.
+    Singular triplets missing for a rank above ``min(d, k, sum of ranks)`` are zero columns of
+    ``lora_B`` and zero rows of ``lora_A`` (they are zero singular values).
+
+    Args:
+        dtype: dtype of the results (default: that of ``u``).
+    """
+    keep = min(rank, s.numel())
+    lora_b = u[:, :keep] @ torch.diag(s[:keep])
+    lora_a = vh[:keep, :]
+    if keep < rank:
+        lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], rank - keep)], dim=1)
+        lora_a = torch.cat([lora_a, lora_a.new_zeros(rank - keep, lora_a.shape[1])], dim=0)
+    if clamp is not None:
+        high = _quantile(torch.cat([lora_b.flatten(), lora_a.flatten()]), clamp)
+        lora_b = lora_b.clamp(-high, high)
+        lora_a = lora_a.clamp(-high, high)
+    if dtype is not None:
+        lora_a, lora_b = lora_a.to(dtype), lora_b.to(dtype)
+    return lora_a.contiguous(), lora_b.contiguous()
