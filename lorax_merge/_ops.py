@@ -14,6 +14,14 @@ ops = torch.ops.lorax_merge
 
 WITH_CUDA: bool = bool(_C.WITH_CUDA)
 CUDA_ARCHS: list[str] = [a for a in _C.CUDA_ARCHS.replace(" ", ";").split(";") if a]
+#: CPU capability levels compiled into the library, lowest first ("default", "avx2", "avx512")
+CPU_CAPABILITIES: list[str] = list(_C.CPU_CAPABILITIES)
+
+
+def cpu_capability() -> str:
+    """The CPU kernels' capability level in use: the best this CPU supports, or the one
+    ``LORAX_MERGE_CPU_CAPABILITY`` names (read when the library is imported)."""
+    return _C.cpu_capability()
 
 
 def _fake_kernel(kernel):

@@ -206,7 +206,12 @@ def merge_many(
 
 
 def build_info() -> dict[str, object]:
-    """What this installation was built with and runs on."""
+    """What this installation was built with and runs on.
+
+    ``cpu_capabilities`` lists the CPU kernel levels compiled in (lowest first) and
+    ``cpu_capability`` the one in use: the best the CPU supports, unless the environment
+    variable ``LORAX_MERGE_CPU_CAPABILITY`` chose a lower one when the package was imported.
+    """
     from . import __version__
 
     return {
@@ -215,5 +220,7 @@ def build_info() -> dict[str, object]:
         "cuda_compiled": _ops.WITH_CUDA,
         "cuda_archs": list(_ops.CUDA_ARCHS),
         "cuda_available": _ops.WITH_CUDA and torch.cuda.is_available(),
+        "cpu_capabilities": list(_ops.CPU_CAPABILITIES),
+        "cpu_capability": _ops.cpu_capability(),
         "num_threads": torch.get_num_threads(),
     }
