@@ -8,7 +8,7 @@ export CUDA_HOME
 BIN := $(VENV)/bin
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test lint format bench build clean
+.PHONY: demo test lint format bench build clean test-oldest-torch
 
 demo: build
 	$(BIN)/python examples/demo.py --work demo-work
@@ -45,6 +45,24 @@ $(VENV)/.deps: Makefile
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(DEV_PACKAGES)
 	touch $@
+
+# The suite against the oldest supported torch (the LoRAX server's pin), CPU kernels only. Not part
+# of `make test` or CI: it installs a second torch (a CUDA build of a few GB) into its own
+# environment and builds and tests a copy of the tree, so the main build is left alone.
+OLDEST_TORCH ?= 2.6.0
+OLDEST_VENV ?= .venv-torch$(OLDEST_TORCH)
+OLDEST_TREE := build/torch-$(OLDEST_TORCH)
+OLDEST_PYTHON := $(abspath $(OLDEST_VENV))/bin/python
+
+test-oldest-torch:
+	$(MAKE) VENV=$(OLDEST_VENV) TORCH_VERSION=$(OLDEST_TORCH) $(OLDEST_VENV)/.deps
+	rm -rf $(OLDEST_TREE) && mkdir -p $(OLDEST_TREE)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(OLDEST_TREE)
+	cd $(OLDEST_TREE) && LORAX_MERGE_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} \
+		$(OLDEST_PYTHON) setup.py -q build_ext --inplace
+	cd $(OLDEST_TREE) && $(OLDEST_PYTHON) -c \
+		"import lorax_merge, torch; assert torch.__version__.startswith('$(OLDEST_TORCH)'); print(lorax_merge.build_info())"
+	cd $(OLDEST_TREE) && $(OLDEST_PYTHON) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf build lorax_merge/_C*.so *.egg-info demo-work

@@ -7,15 +7,19 @@ Environment variables:
   TORCH_CUDA_ARCH_LIST    CUDA architectures, e.g. "8.0;9.0". Default: the visible GPUs, or
                           "8.0;9.0+PTX" when no GPU is visible.
   LORAX_MERGE_PTXAS_VERBOSE=1   print ptxas register/spill reports while compiling.
-  LORAX_MERGE_CPU_ARCH    -march for the CPU kernels: "native" (default: tuned for the building
-                          machine) or e.g. "x86-64-v3"; "none" for the compiler's default, for
-                          binaries that must run on other machines.
+  LORAX_MERGE_CPU_ARCH    unset or "none" (default): the compiler's baseline target, so the
+                          library runs on any CPU of its architecture; the CPU kernels are
+                          compiled once per capability level and the best level is chosen at
+                          run time. "native" (or e.g. "x86-64-v3"): -march for every file as
+                          well, for a library that only runs on the building machine (or that
+                          architecture level).
   LORAX_MERGE_DEBUG=1     -O0 -g host and device code.
   MAX_JOBS                parallel compile jobs (ninja).
 """
 
 import glob
 import os
+import platform
 import sys
 
 # torch looks for the toolkit at import time; `nvcc` on PATH may be a wrapper outside the
@@ -29,6 +33,25 @@ from setuptools import setup  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
 DEFAULT_ARCHS = "8.0;9.0+PTX"  # sm_80 and sm_90 machine code, PTX for newer GPUs
+
+# CPU capability levels (csrc/cpu/capability.h): the kernels of LEVEL_SOURCE are compiled once
+# per level, with its instruction sets, into the namespace lorax_merge::cpu::<level>; the best
+# level the running CPU supports is chosen at load time. FMA may be used by the compiler's
+# vectoriser but never contracts a*b+c (-ffp-contract=off), so every level rounds alike.
+LEVEL_SOURCE = "csrc/cpu/kernels/level_kernels.cpp"
+_AVX2 = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mpopcnt"]
+X86_64_LEVELS = {
+    "DEFAULT": [],
+    "AVX2": _AVX2,
+    "AVX512": _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+}
+
+
+def cpu_levels() -> dict[str, list[str]]:
+    """Capability levels to compile, lowest (the architecture's baseline) first."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return X86_64_LEVELS
+    return {"DEFAULT": []}  # aarch64: NEON is part of the baseline
 
 
 def cuda_wanted() -> bool:
@@ -65,17 +88,25 @@ def extension():
     # math, so conditional arithmetic can be computed branch-free and vectorised.
     cxx = opt + ["-Wall", "-Wextra", "-Wno-unused-parameter", "-ffp-contract=off"]
     cxx += ["-fno-trapping-math"] + (["-fopenmp"] if openmp else [])
-    cpu_arch = os.environ.get("LORAX_MERGE_CPU_ARCH", "native").strip()
+    cpu_arch = os.environ.get("LORAX_MERGE_CPU_ARCH", "none").strip()
     if cpu_arch and cpu_arch != "none":
         cxx.append(f"-march={cpu_arch}")
+    else:
+        cpu_arch = ""
     link = ["-fopenmp"] if openmp else []
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + [LEVEL_SOURCE])
     with_cuda = cuda_wanted()
-    define_macros = [("LM_WITH_CUDA", "1" if with_cuda else "0")]
+    define_macros = [
+        ("LM_WITH_CUDA", "1" if with_cuda else "0"),
+        ("LM_CPU_X86_LEVELS", "1" if "AVX2" in cpu_levels() else "0"),
+        ("LM_CPU_ARCH", f'"{cpu_arch}"'),
+    ]
     if not with_cuda:
         return cpp_extension.CppExtension(
             "lorax_merge._C",
             sources,
+            depends=depends,
             extra_compile_args={"cxx": cxx},
             extra_link_args=link,
             define_macros=define_macros,
@@ -92,13 +123,44 @@ def extension():
     return cpp_extension.CUDAExtension(
         "lorax_merge._C",
         sources,
+        depends=depends,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=link,
         define_macros=define_macros,
     )
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus the CPU kernels compiled once per capability level.
+
+    Each level's object is compiled with its own flags and -DCPU_CAPABILITY=<level>, with
+    hidden visibility, and linked after the other objects, the baseline level first: where
+    a library function (an inline function or template that every level instantiates) is
+    emitted out of line by several objects, the linker keeps the first copy, the one
+    compiled for the baseline, so no wider instructions reach code that other levels call.
+    tests/test_build.py checks the built library for it.
+    """
+
+    def build_extension(self, ext) -> None:
+        args = ext.extra_compile_args
+        cxx = args["cxx"] if isinstance(args, dict) else list(args)
+        level_objects = []
+        for level, flags in cpu_levels().items():
+            level_flags = cxx + flags + ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+            level_objects += self.compiler.compile(
+                [LEVEL_SOURCE],
+                output_dir=os.path.join(self.build_temp, f"cpu_{level}"),
+                macros=ext.define_macros + [("CPU_CAPABILITY", level)],
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs={"cxx": level_flags, "nvcc": []},
+                depends=ext.depends,
+            )
+        ext.extra_objects = level_objects
+        super().build_extension(ext)
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

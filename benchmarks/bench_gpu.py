@@ -4,8 +4,8 @@ One run measures, on one CUDA device:
 
 * the device-to-device copy bandwidth (``dst.copy_(src)`` of a large buffer; bytes = read
   + write), the ceiling a memory-bound merge is compared with;
-* every strategy on 4 task tensors of 8192 x 8192 bfloat16 (density 0.5, weights given
-  as a list, so the result is float32): ``lorax_merge.merge`` against
+* every strategy on 4 task tensors of 8192 x 8192, bfloat16 and float32 (density 0.5,
+  weights given as a list, so the result is float32): ``lorax_merge.merge`` against
   ``benchmarks/upstream.py`` on the GPU, and the merge's effective bandwidth
   (each input read once + the output written once, over the time) as a fraction of the
   copy bandwidth;
@@ -16,7 +16,7 @@ One run measures, on one CUDA device:
 Times are CUDA-event intervals around whole calls (host work included), the median of
 many runs after warm-up. It prints markdown tables with the targets beside the numbers:
 
-    python benchmarks/bench_gpu.py                   # full run (about a minute on an H200)
+    python benchmarks/bench_gpu.py                   # full run (a minute or two on an H200)
     python benchmarks/bench_gpu.py --quick           # small sizes, smoke test
     python benchmarks/bench_gpu.py --markdown-out gpu_bench.md --json-out gpu_bench.json
 """
@@ -114,11 +114,16 @@ def copy_bandwidth(nbytes: int, reps: int) -> float:
 # --------------------------------------------------------------------------- cases
 
 
-def big_case(side: int, n_tasks: int, reps: int, upstream_reps: int, copy_bw: float) -> list[dict]:
+BIG_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def big_case(
+    side: int, n_tasks: int, dtype_name: str, reps: int, upstream_reps: int, copy_bw: float
+) -> list[dict]:
     gen = torch.Generator(device="cuda").manual_seed(SEED)
     tasks = [
         torch.randn(side, side, generator=gen, device="cuda", dtype=torch.float32).to(
-            torch.bfloat16
+            BIG_DTYPES[dtype_name]
         )
         for _ in range(n_tasks)
     ]
@@ -148,7 +153,7 @@ def big_case(side: int, n_tasks: int, reps: int, upstream_reps: int, copy_bw: fl
         torch.cuda.empty_cache()
         rows.append(
             {
-                "case": f"{n_tasks} x {side}x{side} bf16",
+                "case": f"{n_tasks} x {side}x{side} {dtype_name}",
                 "strategy": strategy,
                 "ours_s": t_ours,
                 "upstream_s": t_up,
@@ -314,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     upstream_reps = 2 if args.quick else args.upstream_reps
     name = torch.cuda.get_device_name()
     copy_bw = copy_bandwidth((64 if args.quick else 2048) << 20, 10 if args.quick else 30)
-    big = big_case(side, 4, reps, upstream_reps, copy_bw)
+    big = []
+    for dtype_name in BIG_DTYPES:
+        big += big_case(side, 4, dtype_name, reps, upstream_reps, copy_bw)
+        torch.cuda.empty_cache()
     adapters = adapter_case(layers, 3, reps, upstream_reps)
 
     header = (

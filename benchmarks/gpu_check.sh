@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # GPU validation of lorax_merge on a machine with a CUDA GPU, its own python3 with torch,
-# a CUDA toolkit (nvcc) and no network:
+# setuptools and ninja, a CUDA toolkit (nvcc) and no network:
 #   1. builds the extension for the local GPU only, into a temporary directory (the source
 #      tree is not modified), with the ptxas register/spill report;
-#   2. runs the CUDA tests (tests/test_cuda.py, slow cases included);
+#   2. runs the CUDA tests (tests/test_cuda.py, slow cases included): every strategy, dtype
+#      and size against the CPU bit for bit (NaNs and signed zeros included), ties with 128
+#      and 129 tasks (the inline descriptor table and the uploaded one), merge_many over 50
+#      tie-heavy bfloat16 groups, every public entry point under
+#      torch.cuda.set_sync_debug_mode("error"), CUDA-graph capture and replay (merge_many
+#      with weights on the GPU included) and the capture-probe cases;
 #   3. runs the GPU benchmark (benchmarks/bench_gpu.py);
-#   4. runs compute-sanitizer (memcheck, racecheck, synccheck) over a small workload that
-#      touches every kernel;
+#   4. runs compute-sanitizer (memcheck, initcheck, racecheck, synccheck) over a small
+#      workload that reaches every kernel and every selection path;
 #   5. runs the CUDA cases of the device-parametrised core tests, as time allows.
-# Everything is logged into the folder given as the only argument: check.log (all
-# output), build.log, tests.log, bench.log, gpu_bench.md / gpu_bench.json,
-# sanitizer-*.log, tests-core.log and summary.md (the status of each step). A failing step
-# does not stop the later ones; the exit status is non-zero when any step failed.
-# Budget: under 8 minutes on one H200 (GPU_CHECK_BUDGET_S, default 450 s, caps the steps).
+# It writes 7 files into the folder given as the only argument: summary.md (each step's
+# status, the test and sanitizer results, the per-kernel register/spill table),
+# gpu_bench.md (the benchmark tables, ready for the README), gpu_bench.json (raw numbers),
+# build.log, tests.log, sanitizer.log and check.log (everything). A failing step does not
+# stop the later ones; the exit status is non-zero when any step failed.
+# Budget: under 8 minutes on one H200 (GPU_CHECK_BUDGET_S, default 465 s, caps the steps;
+# GPU_CHECK_BUILD_S, default 180 s, caps the build, for slower machines).
 #
 #   bash benchmarks/gpu_check.sh /tmp/gpu-results
 set -euo pipefail
@@ -26,8 +33,9 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/lorax_merge_gpu_check.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
-BUDGET_S=${GPU_CHECK_BUDGET_S:-450}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-465}
 START_S=$SECONDS
+export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/check.log") 2>&1
 
 STEP_NAMES=()
@@ -35,7 +43,8 @@ STEP_STATUS=()
 STEP_SECONDS=()
 
 # run_step NAME CAP_SECONDS LOGFILE COMMAND...: runs COMMAND with a timeout of
-# min(CAP, time left in the budget), output to LOGFILE and the console; records the status.
+# min(CAP, time left in the budget), its output appended to LOGFILE (under a header) and
+# shown on the console; records the status.
 run_step() {
   local name=$1 cap=$2 log=$3
   shift 3
@@ -47,8 +56,9 @@ run_step() {
   if ((limit <= 5)); then
     status="skipped (time budget spent)"
   else
+    echo "=== $name ===" >>"$log"
     set +e
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$log"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     set -e
     if ((rc == 0)); then
@@ -84,8 +94,10 @@ record() { # record NAME STATUS: a step that was not run
 
 # ------------------------------------------------------------------ environment
 echo "lorax_merge GPU check: $(date -u +%Y-%m-%dT%H:%M:%SZ), repo $REPO"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())' || true
+GPU_LINE=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi failed")
+echo "$GPU_LINE"
+PY_LINE=$("$PYTHON" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())' 2>&1 || true)
+echo "$PY_LINE"
 ARCH=$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo "")
 # The toolkit: CUDA_HOME, else /usr/local/cuda, else the one torch finds, else the folder
 # above the nvcc on PATH (when it holds the headers; a bare wrapper does not).
@@ -107,6 +119,7 @@ echo "CUDA_HOME=${CUDA_HOME:-<none>} arch=${ARCH:-<none visible: setup.py defaul
 LIB=$WORK/lib
 build() {
   cd "$REPO"
+  "$PYTHON" -c 'import setuptools, ninja' # offline build needs both (no build isolation)
   TORCH_CUDA_ARCH_LIST="$ARCH" LORAX_MERGE_CUDA=1 LORAX_MERGE_PTXAS_VERBOSE=1 \
     MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
     "$PYTHON" setup.py build_ext --build-temp "$WORK/build" --build-lib "$LIB"
@@ -125,11 +138,7 @@ export REPO WORK LIB ARCH PYTHON
 if [[ -z $CUDA_HOME ]]; then
   record build "failed (no CUDA toolkit: nvcc not found)"
 else
-  run_step build 200 "$OUT/build.log" bash -c 'set -euo pipefail; build'
-fi
-if [[ -f $OUT/build.log ]]; then
-  echo "ptxas: $(grep -c 'Used [0-9]* registers' "$OUT/build.log" || true) kernel reports," \
-    "$(grep -c ' [1-9][0-9]* bytes spill' "$OUT/build.log" || true) with spills"
+  run_step build "${GPU_CHECK_BUILD_S:-180}" "$OUT/build.log" bash -c 'set -euo pipefail; build'
 fi
 export PYTHONPATH=$LIB${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONDONTWRITEBYTECODE=1
@@ -145,12 +154,14 @@ elif ((HAVE_PYTEST == 0)); then
   record tests-cuda "skipped (pytest is not installed)"
 else
   run_step tests-cuda 120 "$OUT/tests.log" \
-    "$PYTHON" -m pytest "$REPO/tests/test_cuda.py" -q -rs -p no:cacheprovider
+    "$PYTHON" -m pytest "$REPO/tests/test_cuda.py" "$REPO/tests/test_build.py" -q -rfEs \
+    -p no:cacheprovider
 fi
 
 # ------------------------------------------------------------------ 3. benchmark
 if step_ok build; then
-  run_step benchmark 120 "$OUT/bench.log" \
+  # (its output is in check.log)
+  run_step benchmark 110 "$WORK/bench.log" \
     "$PYTHON" "$REPO/benchmarks/bench_gpu.py" --markdown-out "$OUT/gpu_bench.md" \
     --json-out "$OUT/gpu_bench.json"
 else
@@ -159,7 +170,8 @@ fi
 
 # ------------------------------------------------------------------ 4. compute-sanitizer
 cat >"$WORK/sanitize_workload.py" <<'PYEOF'
-"""Every kernel on small, awkward inputs (odd sizes, misaligned views, several tiles)."""
+"""Every kernel and every selection path on small, awkward inputs: odd sizes, misaligned
+views, one-block and spread selections, trivial densities, tables inline and uploaded."""
 
 import torch
 
@@ -168,42 +180,49 @@ from lorax_merge import utils
 
 torch.manual_seed(0)
 dev = "cuda"
+strategies = ("linear", "magnitude_prune", "ties", "dare_linear", "dare_ties")
 w_gpu = torch.tensor([0.5, -1.0, 2.0], device=dev)
-for dtype in (torch.bfloat16, torch.float32, torch.float64):
-    flat = [torch.randn(40001, device=dev).to(dtype) for _ in range(3)]
-    for tasks in ([f[:40000] for f in flat], [f[1:] for f in flat]):
-        for strategy in ("linear", "magnitude_prune", "ties", "dare_linear", "dare_ties"):
+# one block selects 40000-element tensors of every dtype; 270001 float32 elements are
+# spread over one block per tile
+for dtype, n in ((torch.bfloat16, 40001), (torch.float32, 40001), (torch.float64, 40001),
+                 (torch.float32, 270001)):
+    flat = [torch.randn(n, device=dev).to(dtype) for _ in range(3)]
+    for tasks in ([f[: n - 1] for f in flat], [f[1:] for f in flat]):
+        for strategy in strategies:
             lorax_merge.merge(tasks, [0.5, -1.0, 2.0], strategy, density=0.3, seed=1)
-            lorax_merge.merge(
-                tasks, w_gpu, strategy, density=0.3, seed=1, majority_sign_method="frequency"
-            )
+            lorax_merge.merge(tasks, w_gpu, strategy, density=0.3, seed=1,
+                              majority_sign_method="frequency", out_dtype=torch.float16)
 ties = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0], dtype=torch.bfloat16, device=dev)
-x = ties[torch.randint(5, (70001,), device=dev)]
-for d in (0.1, 0.5, 0.99):
-    utils.prune(x, d, "magnitude")
+for n in (70001, 400003):
+    x = ties[torch.randint(5, (n,), device=dev)]
+    for d in (0.0, 0.1, 0.5, 0.99, 1.0):
+        utils.prune(x, d, "magnitude")
+many = [torch.randn(513, device=dev) for _ in range(129)]
+lorax_merge.merge(many, [1.0] * 129, "ties", density=0.4)
 groups = [[torch.randn(7 + g, 3, device=dev) for _ in range(1 + g % 3)] for g in range(150)]
 weights = [[1.0] * len(g) for g in groups]
 lorax_merge.merge_many(groups, weights, strategy="ties", density=0.4)
 lorax_merge.merge_many(groups, weights, strategy="dare_ties", density=0.4, seed=2)
 stacked = torch.randn(3, 1001, device=dev)
-utils.disjoint_merge(stacked, utils.calculate_majority_sign_mask(stacked, "total"))
+for method in ("total", "frequency"):
+    utils.disjoint_merge(stacked, utils.calculate_majority_sign_mask(stacked, method))
 torch.cuda.synchronize()
 print("workload done")
 PYEOF
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer")
-if ! step_ok build; then
-  record sanitizer "skipped (no build)"
-elif [[ ! -x $SANITIZER ]]; then
-  record sanitizer "skipped (compute-sanitizer not found)"
-else
-  for tool in memcheck racecheck synccheck; do
+for tool in memcheck initcheck racecheck synccheck; do
+  if ! step_ok build; then
+    record "sanitizer-$tool" "skipped (no build)"
+  elif [[ ! -x $SANITIZER ]]; then
+    record "sanitizer-$tool" "skipped (compute-sanitizer not found)"
+  else
     # Without the caching allocator every tensor is its own allocation, so memcheck sees
     # accesses past a tensor's end.
-    run_step "sanitizer-$tool" 70 "$OUT/sanitizer-$tool.log" \
+    run_step "sanitizer-$tool" 50 "$OUT/sanitizer.log" \
       env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 \
       "$PYTHON" "$WORK/sanitize_workload.py"
-  done
-fi
+  fi
+done
 
 # ------------------------------------------------------------------ 5. core tests on CUDA
 # The CUDA cases of the device-parametrised core suite; modules whose imports are missing
@@ -215,7 +234,7 @@ import pathlib
 import sys
 
 for path in sorted(pathlib.Path(sys.argv[1]).glob("test_*.py")):
-    if path.name == "test_cuda.py":
+    if path.name in ("test_cuda.py", "test_build.py"):
         continue
     tree = ast.parse(path.read_text())
     names = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
@@ -230,15 +249,19 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("test_*.py")):
 PYEOF
 if step_ok build && ((HAVE_PYTEST == 1)); then
   mapfile -t IGNORES < <("$PYTHON" "$WORK/missing_imports.py" "$REPO/tests")
-  run_step tests-core-on-cuda 60 "$OUT/tests-core.log" \
-    "$PYTHON" -m pytest "$REPO/tests" -q -rs -p no:cacheprovider -k cuda -m "not slow" \
-    --ignore="$REPO/tests/test_cuda.py" "${IGNORES[@]}"
+  run_step tests-core-on-cuda 60 "$OUT/tests.log" \
+    "$PYTHON" -m pytest "$REPO/tests" -q -rfEs -p no:cacheprovider -k cuda -m "not slow" \
+    --ignore="$REPO/tests/test_cuda.py" --ignore="$REPO/tests/test_build.py" "${IGNORES[@]}"
 else
   record tests-core-on-cuda "skipped (no build or no pytest)"
 fi
 
 # ------------------------------------------------------------------ summary
 {
+  echo "# lorax_merge GPU check"
+  echo
+  echo "$(date -u +%Y-%m-%dT%H:%M:%SZ); GPU: $GPU_LINE; $PY_LINE"
+  echo
   echo "| step | status | seconds |"
   echo "|---|---|---:|"
   for i in "${!STEP_NAMES[@]}"; do
@@ -246,6 +269,28 @@ fi
   done
   echo
   echo "total: $((SECONDS - START_S)) s"
+  if [[ -f $OUT/tests.log ]]; then
+    echo
+    echo "## Tests"
+    echo
+    echo '```'
+    grep -E '^=== |passed|failed|error|^(FAILED|ERROR) ' "$OUT/tests.log" | grep -v '^  ' | head -60 || true
+    echo '```'
+  fi
+  if [[ -f $OUT/sanitizer.log ]]; then
+    echo
+    echo "## compute-sanitizer"
+    echo
+    echo '```'
+    grep -E '^=== |ERROR SUMMARY|workload done' "$OUT/sanitizer.log" || true
+    echo '```'
+  fi
+  if [[ -f $OUT/build.log ]]; then
+    echo
+    echo "## Registers and spills (ptxas)"
+    echo
+    "$PYTHON" "$REPO/benchmarks/ptxas_report.py" "$OUT/build.log" || echo "(no ptxas report)"
+  fi
 } >"$OUT/summary.md"
 echo
 echo "=== summary ==="

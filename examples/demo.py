@@ -4,11 +4,13 @@ Steps, all local (no network, no downloads):
 
 1. build a tiny Llama base model and three example PEFT LoRA adapters
    (``make_example_adapters.py``);
-2. merge them with the ``lorax-merge`` command once per strategy, printing each command and its
+2. merge them with the ``lorax-merge`` command once per strategy, factor space (the LoRAX
+   server's) and delta space (PEFT's ``cat`` and ``*_svd`` types), printing each command and its
    summary;
 3. load every merged adapter with ``PeftModel.from_pretrained`` on the base model and run a forward
    pass;
-4. merge with ``--weighting peft`` and compare with PEFT's own ``add_weighted_adapter``.
+4. compare with PEFT's own ``add_weighted_adapter``: the factor-space strategies under
+   ``--weighting peft``, and the delta-space concatenation, which is exact.
 
 Usage::
 
@@ -46,7 +48,8 @@ except ImportError:  # running from a source checkout that is not installed
 # lorax-merge runs as `python -m lorax_merge`, finding the same package as this script.
 PACKAGE_ROOT = str(Path(lorax_merge.__file__).resolve().parent.parent)
 
-STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+from lorax_merge.strategy_table import STRATEGIES, strategy_names  # noqa: E402
+
 WEIGHTS = ("1.0", "0.6", "0.4")
 DENSITY = "0.5"
 SEED = "1234"
@@ -61,9 +64,9 @@ def run_merge(
         str(output.relative_to(work)),
     ]
     args += ["--strategy", strategy, "--weights", *WEIGHTS]
-    if strategy != "linear":
+    if STRATEGIES[strategy].uses_density:
         args += ["--density", DENSITY]
-    if strategy.startswith("dare"):
+    if STRATEGIES[strategy].is_random:
         args += ["--seed", SEED]
     args += extra
     args.append("--overwrite")
@@ -142,10 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"max |change| vs base {change:.4f}"
             )
 
-        print("\nParity with PEFT's add_weighted_adapter (--weighting peft):")
-        for strategy in ("linear", "ties", "magnitude_prune"):
+        print("\nParity with PEFT's add_weighted_adapter (--weighting peft in factor space):")
+        # the deterministic types: factor space under PEFT weighting, and delta space's exact one
+        deterministic = strategy_names(random=False)
+        parity = [n for n in deterministic if STRATEGIES[n].refactor == "none"]
+        parity += [n for n in deterministic if STRATEGIES[n].refactor == "concat"]
+        for strategy in parity:
             output = work / "merged" / f"peft-{strategy}"
-            run_merge(adapters, output, strategy, ["--weighting", "peft", *device], work)
+            factor = STRATEGIES[strategy].space == "factor"
+            weighting = ["--weighting", "peft"] if factor else []
+            run_merge(adapters, output, strategy, [*weighting, *device], work)
             model = PeftModel.from_pretrained(
                 LlamaForCausalLM.from_pretrained(str(base_dir)), str(adapters[0]), adapter_name="a0"
             )

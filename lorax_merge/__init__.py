@@ -1,26 +1,43 @@
 """Fast, exact merging of LoRA adapters with the LoRAX strategies (linear, TIES, DARE).
 
-The work runs in compiled ops (``torch.ops.lorax_merge``) with a CPU and a CUDA kernel each;
-this package is the thin Python layer: argument checks, dtype rules and the strategy
-registry.
+The work runs in compiled ops (``torch.ops.lorax_merge``) with a CPU and a CUDA kernel each.
+The Python package around them converts arguments and names bad ones (``api``, ``utils``),
+holds the strategy table and the strategy classes (``strategy_table``, ``strategies``), the seed
+rule (``seeds``), whole-adapter merging (``adapters``, ``adapter_configs``), the LoRAX server
+drop-in (``lorax_server``), the ``lorax-merge`` command (``cli``), delta-space merging (``delta``,
+``lowrank``, ``delta_adapters``) and the PEFT ``add_weighted_adapter`` drop-in (``peft``).
 """
 
 from . import (
+    _cli_startup,  # noqa: F401  (first: Ctrl-C while the command still loads torch)
     _autograd,  # noqa: F401  (registers the derivative formulas of the ops)
     _ops,  # noqa: F401  (registers the ops before anything uses them)
     strategies,
     utils,
 )
-from .adapters import derive_tensor_seed, merge_adapter_configs, merge_adapters
-from .api import build_info, derive_seed, draw_seed, merge, merge_many
+from .adapter_configs import merge_adapter_configs
+from .adapters import merge_adapters
+from .api import build_info, merge, merge_many
 from .learn import LearnedWeights, learn_weights
+from .seeds import derive_group_seed, derive_seed, derive_tensor_seed, draw_seed
 from .strategies import MergeStrategy, strategy_registry
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # ``lorax_merge.peft`` (the PEFT drop-in) is imported on first use: it imports PEFT.
+    if name == "peft":
+        import importlib
+
+        return importlib.import_module(".peft", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "build_info",
+    "derive_group_seed",
     "derive_seed",
     "derive_tensor_seed",
     "draw_seed",

@@ -14,27 +14,37 @@ ops = torch.ops.lorax_merge
 
 WITH_CUDA: bool = bool(_C.WITH_CUDA)
 CUDA_ARCHS: list[str] = [a for a in _C.CUDA_ARCHS.replace(" ", ";").split(";") if a]
+#: CPU capability levels compiled into the library, lowest first ("default", "avx2", "avx512")
+CPU_CAPABILITIES: list[str] = list(_C.CPU_CAPABILITIES)
 
 
-def _register_fake(name: str):
-    register = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract
-    return register(f"lorax_merge::{name}")
+def cpu_capability() -> str:
+    """The CPU kernels' capability level in use: the best this CPU supports, or the one
+    ``LORAX_MERGE_CPU_CAPABILITY`` names (read when the library is imported)."""
+    return _C.cpu_capability()
 
 
-@_register_fake("merge")
-def _merge_fake(tasks, weights, pruning, election, density, rescale, seed, out_dtype):
+def _fake_kernel(kernel):
+    """Registers ``kernel`` as the fake kernel of the op it is named after."""
+    torch.library.register_fake(f"lorax_merge::{kernel.__name__}")(kernel)
+    return kernel
+
+
+# Each fake kernel is named after its op (names only here, so that no op name is written twice).
+
+
+@_fake_kernel
+def merge(tasks, weights, pruning, election, density, rescale, seed, out_dtype):
     return tasks[0].new_empty(tasks[0].shape, dtype=out_dtype)
 
 
-@_register_fake("merge_out")
-def _merge_out_fake(tasks, weights, pruning, election, density, rescale, seed, out):
+@_fake_kernel
+def merge_out(tasks, weights, pruning, election, density, rescale, seed, out):
     return None
 
 
-@_register_fake("merge_many")
-def _merge_many_fake(
-    tasks, group_sizes, weights, pruning, election, density, rescale, seeds, out_dtype
-):
+@_fake_kernel
+def merge_many(tasks, group_sizes, weights, pruning, election, density, rescale, seeds, out_dtype):
     outs, offset = [], 0
     for size in group_sizes:
         outs.append(tasks[offset].new_empty(tasks[offset].shape, dtype=out_dtype))
@@ -42,48 +52,53 @@ def _merge_many_fake(
     return outs
 
 
-@_register_fake("magnitude_prune")
-def _magnitude_prune_fake(x, density):
+@_fake_kernel
+def magnitude_prune(x, density):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@_register_fake("random_prune")
-def _random_prune_fake(x, density, rescale, seed, stream):
+@_fake_kernel
+def random_prune(x, density, rescale, seed, stream):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@_register_fake("majority_sign_mask")
-def _majority_sign_mask_fake(stacked, method):
+@_fake_kernel
+def majority_sign_mask(stacked, method):
     return stacked.new_empty(stacked.shape, dtype=torch.bool)
 
 
-@_register_fake("disjoint_merge")
-def _disjoint_merge_fake(stacked, mask):
+@_fake_kernel
+def disjoint_merge(stacked, mask):
     dtype = torch.promote_types(stacked.dtype, torch.float32)
     return stacked.new_empty(stacked.shape[1:], dtype=dtype)
 
 
-@_register_fake("merge_slice_out")
-def _merge_slice_out_fake(
+@_fake_kernel
+def merge_slice_out(
     tasks, weights, pruning, election, density, rescale, seed, index_offset, thresholds, out
 ):
     return None
 
 
-@_register_fake("magnitude_thresholds")
-def _magnitude_thresholds_fake(tasks, density):
+@_fake_kernel
+def magnitude_thresholds(tasks, density):
     return tasks[0].new_empty((len(tasks), 2), dtype=torch.int64)
 
 
-@_register_fake("merge_with_thresholds")
-def _merge_with_thresholds_fake(
+@_fake_kernel
+def lora_delta_out(lora_a, lora_b, scale, row_begin, out):
+    return None
+
+
+@_fake_kernel
+def merge_with_thresholds(
     tasks, weights, pruning, election, density, rescale, seed, index_offset, thresholds, out_dtype
 ):
     return tasks[0].new_empty(tasks[0].shape, dtype=out_dtype)
 
 
-@_register_fake("merge_backward")
-def _merge_backward_fake(
+@_fake_kernel
+def merge_backward(
     grads,
     tasks,
     group_sizes,
@@ -104,6 +119,6 @@ def _merge_backward_fake(
     return task_grads, torch.empty((count,), dtype=torch.float64, device=device)
 
 
-@_register_fake("disjoint_merge_backward")
-def _disjoint_merge_backward_fake(grad, mask, dtype):
+@_fake_kernel
+def disjoint_merge_backward(grad, mask, dtype):
     return grad.new_empty(mask.shape, dtype=dtype)

@@ -1,56 +1,57 @@
-"""Argument checks of the public API: each bad argument raises ValueError or TypeError
-whose message names the argument and the offending value. All checks read host-side
-metadata only (dtype, shape, device); none reads tensor data or synchronises a GPU."""
+"""Argument conversion and the checks C++ cannot make, for the public API.
+
+The ops check every tensor relation themselves (tasks of one shape, dtype and device; ``out``
+of the tasks' shape and device; one weight per task; ``density >= 0``) for every caller,
+``torch.ops`` and ``torch.compile`` included. Python converts its arguments (sequences of
+numbers to tensors, names to the ops' enums) and checks what the ops cannot see or cannot name
+as the API does: Python types, strategy and method names, each tensor's own dtype (named as
+torch names it), and how ``merge_many`` splits weights and seeds between groups. Each failure
+raises ValueError or TypeError naming the argument and the value. Nothing here reads tensor data
+or synchronises a GPU.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from .strategy_table import STRATEGIES, Space, StrategySpec, strategy_names
+
+#: Tensor dtypes the kernels merge, in the order error messages name them.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: Majority sign methods, in the order of the LoRAX server's ``MajoritySignMethod`` enum.
 MAJORITY_SIGN_METHODS = ("total", "frequency")
 PRUNE_METHODS = ("magnitude", "random")
+FLOAT_DTYPE_NAMES = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
 
 
-@dataclass(frozen=True)
-class StrategyPlan:
-    """Where a strategy sits in (pruning x sign election)."""
-
-    pruning: str  # "none" | "magnitude" | "random"
-    elects_sign: bool
-    rescale: bool
-
-
-STRATEGY_PLANS: dict[str, StrategyPlan] = {
-    "linear": StrategyPlan("none", False, False),
-    "magnitude_prune": StrategyPlan("magnitude", False, False),
-    "ties": StrategyPlan("magnitude", True, False),
-    "dare_linear": StrategyPlan("random", False, True),
-    "dare_ties": StrategyPlan("random", True, True),
-}
-
-
-def _describe(value: object) -> str:
+def describe(value: object) -> str:
+    """``repr(value)``, shortened for an error message."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def strategy_plan(strategy: object) -> StrategyPlan:
-    if not isinstance(strategy, str) or strategy not in STRATEGY_PLANS:
+def check_name(value: object, choices: Sequence[str], arg: str, what: str) -> str:
+    """``value`` if it is one of the names ``choices``, else a ValueError naming ``arg``."""
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(
-            f"strategy: unknown strategy {_describe(strategy)}; "
-            f"expected one of {sorted(STRATEGY_PLANS)}"
+            f"{arg}: unknown {what} {describe(value)}; expected one of {', '.join(choices)}"
         )
-    return STRATEGY_PLANS[strategy]
+    return value
+
+
+def check_strategy(strategy: object, space: Space = "factor") -> StrategySpec:
+    """The table row of a strategy name that merges in ``space``."""
+    return STRATEGIES[check_name(strategy, strategy_names(space=space), "strategy", "strategy")]
 
 
 def check_density(density: object, arg: str = "density") -> float:
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
-        raise TypeError(f"{arg} must be a real number, got {_describe(density)}")
+        raise TypeError(f"{arg} must be a real number, got {describe(density)}")
     value = float(density)
     if math.isnan(value) or value < 0:
         raise ValueError(f"{arg} must be >= 0, got {value}")
@@ -58,50 +59,51 @@ def check_density(density: object, arg: str = "density") -> float:
 
 
 def check_majority_sign_method(method: object) -> str:
-    if not isinstance(method, str) or method not in MAJORITY_SIGN_METHODS:
-        raise ValueError(
-            f"majority_sign_method: unknown method {_describe(method)}; "
-            f"expected 'total' or 'frequency'"
-        )
-    return method
+    return check_name(method, MAJORITY_SIGN_METHODS, "majority_sign_method", "method")
 
 
 def check_prune_method(method: object) -> str:
-    if not isinstance(method, str) or method not in PRUNE_METHODS:
-        raise ValueError(
-            f"method: unknown pruning method {_describe(method)}; expected 'magnitude' or 'random'"
-        )
-    return method
+    return check_name(method, PRUNE_METHODS, "method", "pruning method")
 
 
 def check_float_tensor(t: object, arg: str) -> torch.Tensor:
+    """A tensor of a dtype the kernels merge (the ops say so too, in c10's dtype names)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{arg} has dtype {t.dtype}; supported: float32, float16, bfloat16, float64"
-        )
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{arg} has dtype {t.dtype}; supported: {FLOAT_DTYPE_NAMES}")
     return t
 
 
 def check_task_tensors(task_tensors: object, arg: str = "task_tensors") -> list[torch.Tensor]:
+    """A non-empty sequence of float tensors as a list; the op checks that they agree."""
     if isinstance(task_tensors, torch.Tensor) or not isinstance(task_tensors, Sequence):
         raise TypeError(f"{arg} must be a sequence of tensors, got {type(task_tensors).__name__}")
     tasks = list(task_tensors)
     if not tasks:
         raise ValueError(f"{arg} is empty; at least one tensor is needed")
-    first = check_float_tensor(tasks[0], f"{arg}[0]")
-    for i, t in enumerate(tasks[1:], start=1):
+    for i, t in enumerate(tasks):
         check_float_tensor(t, f"{arg}[{i}]")
-        if t.dtype != first.dtype:
-            raise TypeError(f"{arg}[{i}] has dtype {t.dtype} but {arg}[0] has dtype {first.dtype}")
-        if t.shape != first.shape:
-            raise ValueError(
-                f"{arg}[{i}] has shape {tuple(t.shape)} but {arg}[0] has shape {tuple(first.shape)}"
-            )
-        if t.device != first.device:
-            raise ValueError(f"{arg}[{i}] is on {t.device} but {arg}[0] is on {first.device}")
     return tasks
+
+
+def task_dtype(tasks: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype tasks are merged in: ``torch.promote_types`` over all of them.
+
+    It is the dtype of ``torch.stack(tasks)``, as the LoRAX server stacks them: float32 with
+    bfloat16 gives float32, float16 with bfloat16 gives float32, anything with float64 float64.
+    """
+    return functools.reduce(torch.promote_types, (t.dtype for t in tasks))
+
+
+def in_task_dtype(tasks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tasks in their common dtype (:func:`task_dtype`).
+
+    The kernels read one dtype, so each narrower task is read through a converted copy (the
+    conversion is exact); tasks already in the common dtype are passed as they are.
+    """
+    dtype = task_dtype(tasks)
+    return [t if t.dtype == dtype else t.to(dtype) for t in tasks]
 
 
 def is_weight_vector(weights: object) -> bool:
@@ -134,12 +136,12 @@ def as_weight_tensor(
     else:
         if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
             raise TypeError(
-                f"{arg} must be a 1-D tensor or a sequence of numbers, got {_describe(weights)}"
+                f"{arg} must be a 1-D tensor or a sequence of numbers, got {describe(weights)}"
             )
         values = list(weights)
         for i, v in enumerate(values):
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                raise TypeError(f"{arg}[{i}] must be a real number, got {_describe(v)}")
+                raise TypeError(f"{arg}[{i}] must be a real number, got {describe(v)}")
         w = torch.tensor([float(v) for v in values], dtype=torch.float32)
     if w.numel() != num_tasks:
         raise ValueError(f"{arg} has {w.numel()} entries but there are {num_tasks} task tensors")
@@ -149,11 +151,8 @@ def as_weight_tensor(
 def check_out_dtype(out_dtype: object) -> torch.dtype | None:
     if out_dtype is None:
         return None
-    if not isinstance(out_dtype, torch.dtype) or out_dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"out_dtype must be torch.float32, float16, bfloat16 or float64, got "
-            f"{_describe(out_dtype)}"
-        )
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {FLOAT_DTYPE_NAMES}, got {describe(out_dtype)}")
     return out_dtype
 
 
@@ -171,33 +170,6 @@ def result_dtype(
     return torch.promote_types(task.dtype, weights.dtype)
 
 
-def check_out(out: object, task: torch.Tensor) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"out has dtype {out.dtype}; supported: float32, float16, bfloat16, float64"
-        )
-    if out.shape != task.shape:
-        raise ValueError(
-            f"out has shape {tuple(out.shape)} but the task tensors have shape {tuple(task.shape)}"
-        )
-    if out.device != task.device:
-        raise ValueError(f"out is on {out.device} but the task tensors are on {task.device}")
-    return out
-
-
-def check_seed(seed: object, arg: str = "seed") -> int | None:
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{arg} must be an int or None, got {_describe(seed)}")
-    return int(seed)
-
-
-def check_stream(stream: object) -> int:
-    if isinstance(stream, bool) or not isinstance(stream, numbers.Integral):
-        raise TypeError(f"stream must be an int, got {_describe(stream)}")
-    if not 0 <= int(stream) < 2**63:
-        raise ValueError(f"stream must be in [0, 2**63), got {stream}")
-    return int(stream)
+def check_out(out: object) -> torch.Tensor:
+    """A float tensor; the op checks its shape and device against the tasks."""
+    return check_float_tensor(out, "out")

@@ -13,48 +13,21 @@ from ._validation import (
     check_majority_sign_method,
     check_out,
     check_out_dtype,
-    check_seed,
+    check_strategy,
     check_task_tensors,
+    in_task_dtype,
     is_weight_vector,
     result_dtype,
-    strategy_plan,
 )
+from .seeds import check_seed, derive_group_seed, op_seed, seed_or_drawn
+from .strategy_table import LINEAR
 
-__all__ = ["merge", "merge_many", "derive_seed", "draw_seed", "build_info"]
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """The seed of group ``index`` when ``merge_many`` is given one seed for all groups.
-
-    ``splitmix64(splitmix64(seed mod 2**64) xor index)``, reduced to [0, 2**63): stable across
-    versions, platforms and devices.
-    """
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)) >> 1
-
-
-def draw_seed() -> int:
-    """A fresh seed from torch's default CPU generator (``torch.manual_seed`` fixes it)."""
-    return int(torch.empty((), dtype=torch.int64).random_().item())
-
-
-def _op_seed(seed: int) -> int:
-    """Any Python int as the op's signed 64-bit seed; the kernels use its 64 bits."""
-    seed &= _MASK64
-    return seed - (1 << 64) if seed >= 1 << 63 else seed
+__all__ = ["merge", "merge_many", "build_info"]
 
 
 def _resolve(strategy: str, density: object, majority_sign_method: object):
-    plan = strategy_plan(strategy)
-    density = check_density(density) if plan.pruning != "none" else 1.0
+    plan = check_strategy(strategy)
+    density = check_density(density) if plan.uses_density else 1.0
     election = check_majority_sign_method(majority_sign_method) if plan.elects_sign else "none"
     return plan, density, election
 
@@ -62,7 +35,7 @@ def _resolve(strategy: str, density: object, majority_sign_method: object):
 def merge(
     task_tensors: Sequence[torch.Tensor],
     weights: torch.Tensor | Sequence[float],
-    strategy: str = "linear",
+    strategy: str = LINEAR,
     *,
     density: float = 1.0,
     majority_sign_method: str = "total",
@@ -73,8 +46,10 @@ def merge(
     """Merge task tensors (one module of several adapters) into one tensor.
 
     Args:
-        task_tensors: tensors of one shape, dtype (float32, float16, bfloat16 or float64)
-            and device. Any shape and layout; they are never modified.
+        task_tensors: tensors of one shape and device, each float32, float16, bfloat16 or
+            float64. Any shape and layout; they are never modified. Tasks of different dtypes
+            are merged in ``torch.promote_types`` of all of them (the dtype ``torch.stack``
+            gives), each narrower task through a converted copy.
         weights: one weight per task: a 1-D tensor (any device, any real dtype) or a
             sequence of numbers (taken as a float32 tensor). Negative weights are allowed.
         strategy: ``"linear"`` (sum of w_i * t_i), ``"magnitude_prune"`` (keep the
@@ -85,7 +60,8 @@ def merge(
         density: fraction of entries kept by pruning; >= 1 prunes nothing, 0 drops everything.
         majority_sign_method: ``"total"`` (sign of the sum of values) or ``"frequency"`` (sign
             of the sum of signs), for the strategies that elect a sign.
-        seed: seed of the random masks (DARE). Task i uses random stream i. ``None`` draws a
+        seed: seed of the random masks (DARE): any int, of which only the value modulo 2**64
+            counts (see ``lorax_merge.seeds``). Task i uses random stream i. ``None`` draws a
             seed from torch's default generator.
         out: optional destination, of the tasks' shape and device; it is returned.
         out_dtype: dtype of the result.
@@ -94,6 +70,7 @@ def merge(
         The merged tensor. Its dtype is ``torch.promote_types(task dtype, weights dtype)``
         (bfloat16 tasks with float weights give float32), unless ``out`` or ``out_dtype``
         chooses another. Accumulation is in float32 (float64 when tasks or result are float64).
+        A DARE rescale rounds ``x / density`` to the task dtype (the common one).
 
     The merge is differentiable w.r.t. the task tensors and the weights, with the pruning
     masks and elected signs held constant (the README's "Gradients"), except with ``out``,
@@ -102,17 +79,17 @@ def merge(
     Raises:
         ValueError, TypeError: for bad arguments, with the argument named.
     """
-    tasks = check_task_tensors(task_tensors)
+    tasks = in_task_dtype(check_task_tensors(task_tensors))  # the op checks that they agree
     plan, density, election = _resolve(strategy, density, majority_sign_method)
     seed = check_seed(seed)
     w = as_weight_tensor(weights, len(tasks), tasks[0].device)
     if out is not None:
-        check_out(out, tasks[0])
+        check_out(out)
     dtype = result_dtype(tasks[0], w, out, out_dtype)
-    op_seed = 0
-    if plan.pruning == "random" and density < 1:
-        op_seed = _op_seed(draw_seed() if seed is None else seed)
-    args = (tasks, w, plan.pruning, election, density, plan.rescale, op_seed)
+    kernel_seed = 0
+    if plan.is_random and density < 1:
+        kernel_seed = op_seed(seed_or_drawn(seed))
+    args = (tasks, w, plan.pruning, election, density, plan.rescale, kernel_seed)
     if out is not None:
         _ops.ops.merge_out(*args, out)
         return out
@@ -133,7 +110,7 @@ def merge_many(
     groups: Sequence[Sequence[torch.Tensor]],
     weights: torch.Tensor | Sequence[float] | Sequence[torch.Tensor | Sequence[float]],
     *,
-    strategy: str = "linear",
+    strategy: str = LINEAR,
     density: float = 1.0,
     majority_sign_method: str = "total",
     seed: int | Sequence[int] | None = None,
@@ -147,10 +124,11 @@ def merge_many(
     groups; all tensors must be on one device.
 
     Args:
-        groups: one sequence of task tensors per group.
+        groups: one sequence of task tensors per group (of one dtype or several, as in
+            ``merge``).
         weights: one weights vector for every group (all groups then have the same number of
             tasks), or a sequence with one weights vector per group.
-        seed: one int, from which group g uses ``derive_seed(seed, g)``; or one int per group;
+        seed: one int, from which group g uses ``derive_group_seed(seed, g)``; or one int per group;
             or ``None`` to draw one seed from torch's default generator.
         strategy, density, majority_sign_method, out_dtype: as in ``merge``.
 
@@ -161,17 +139,13 @@ def merge_many(
         raise TypeError(
             f"groups must be a sequence of sequences of tensors, got {type(groups).__name__}"
         )
-    # Per-group dtype, shape and device checks run in the op (host metadata only); here
-    # only what the op cannot see: the structure of the arguments.
-    groups = [_group_tensors(g, i) for i, g in enumerate(groups)]
+    # The op checks each group's tensors against each other and that all share one device.
+    groups = [in_task_dtype(check_task_tensors(g, f"groups[{i}]")) for i, g in enumerate(groups)]
     if not groups:
         return []
     plan, density, election = _resolve(strategy, density, majority_sign_method)
     requested = check_out_dtype(out_dtype)
     device = groups[0][0].device
-    for i, g in enumerate(groups):
-        if g[0].device != device:
-            raise ValueError(f"groups[{i}] is on {g[0].device} but groups[0] is on {device}")
 
     shared = is_weight_vector(weights)
     if shared:
@@ -193,21 +167,20 @@ def merge_many(
             for i, (w, g) in enumerate(zip(weights, groups))
         ]
 
-    uses_seed = plan.pruning == "random" and density < 1
+    uses_seed = plan.is_random and density < 1
     if seed is None or not isinstance(seed, Sequence):
         base = check_seed(seed)
         if uses_seed:
-            base = draw_seed() if base is None else base
-            seeds = [_op_seed(derive_seed(base, i)) for i in range(len(groups))]
+            base = seed_or_drawn(base)
+            seeds = [op_seed(derive_group_seed(base, i)) for i in range(len(groups))]
         else:
             seeds = [0] * len(groups)
     else:
         if len(seed) != len(groups):
             raise ValueError(f"seed has {len(seed)} entries but there are {len(groups)} groups")
         checked = [check_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
-        seeds = [_op_seed(s) if uses_seed else 0 for s in checked]
+        seeds = [op_seed(seed_or_drawn(s)) if uses_seed else 0 for s in checked]
 
-    # One op call per result dtype (usually one).
     by_dtypes: dict[tuple[torch.dtype, torch.dtype], torch.dtype] = {}
     dtypes = []
     for g, w in zip(groups, group_weights):
@@ -215,18 +188,21 @@ def merge_many(
         if key not in by_dtypes:
             by_dtypes[key] = result_dtype(g[0], w, None, requested)
         dtypes.append(by_dtypes[key])
+    # One op call per result dtype (usually one) and, with per-group weights, per place the
+    # weights live: host weights travel with the launch and device weights are read where
+    # they are, so no call copies weights host -> device (a synchronous copy, which a CUDA
+    # graph cannot capture).
+    batches: dict[tuple[torch.dtype, torch.device | None], list[int]] = {}
+    for i, dtype in enumerate(dtypes):
+        where = None if shared else group_weights[i].device
+        batches.setdefault((dtype, where), []).append(i)
     results: list[torch.Tensor | None] = [None] * len(groups)
-    for dtype in dict.fromkeys(dtypes):
-        members = [i for i, d in enumerate(dtypes) if d == dtype]
+    for (dtype, _), members in batches.items():
         flat = [t for i in members for t in groups[i]]
         if shared:
             flat_weights = group_weights[0].to(torch.float64).repeat(len(members))
         else:
-            on_device = any(group_weights[i].device.type != "cpu" for i in members)
-            w_device = device if on_device else torch.device("cpu")
-            flat_weights = torch.cat(
-                [group_weights[i].to(device=w_device, dtype=torch.float64) for i in members]
-            )
+            flat_weights = torch.cat([group_weights[i].to(torch.float64) for i in members])
         outs = _ops.ops.merge_many(
             flat,
             [len(groups[i]) for i in members],
@@ -243,22 +219,13 @@ def merge_many(
     return results  # type: ignore[return-value]
 
 
-def _group_tensors(group: object, index: int) -> list[torch.Tensor]:
-    if isinstance(group, torch.Tensor) or not isinstance(group, Sequence):
-        raise TypeError(
-            f"groups[{index}] must be a sequence of tensors, got {type(group).__name__}"
-        )
-    tensors = list(group)
-    if not tensors:
-        raise ValueError(f"groups[{index}] is empty; at least one tensor is needed")
-    for j, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"groups[{index}][{j}] must be a torch.Tensor, got {type(t).__name__}")
-    return tensors
-
-
 def build_info() -> dict[str, object]:
-    """What this installation was built with and runs on."""
+    """What this installation was built with and runs on.
+
+    ``cpu_capabilities`` lists the CPU kernel levels compiled in (lowest first) and
+    ``cpu_capability`` the one in use: the best the CPU supports, unless the environment
+    variable ``LORAX_MERGE_CPU_CAPABILITY`` chose a lower one when the package was imported.
+    """
     from . import __version__
 
     return {
@@ -267,5 +234,7 @@ def build_info() -> dict[str, object]:
         "cuda_compiled": _ops.WITH_CUDA,
         "cuda_archs": list(_ops.CUDA_ARCHS),
         "cuda_available": _ops.WITH_CUDA and torch.cuda.is_available(),
+        "cpu_capabilities": list(_ops.CPU_CAPABILITIES),
+        "cpu_capability": _ops.cpu_capability(),
         "num_threads": torch.get_num_threads(),
     }

@@ -27,8 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _ops
-from ._validation import check_density, check_majority_sign_method, check_seed
-from .api import draw_seed
+from ._validation import check_density, check_majority_sign_method
 from .lowrank import (
     check_svd_clamp,
     check_svd_driver,
@@ -36,25 +35,20 @@ from .lowrank import (
     refactor_dense,
     svd_of_factor_sum,
 )
+from .seeds import check_seed, op_seed, seed_or_drawn
 from .strategy_table import STRATEGIES, fused_strategy, strategy_names
 
-__all__ = ["merge_lora_module", "merged_delta", "compute_dtype"]
+__all__ = ["compute_dtype", "lora_delta", "merge_lora_module", "merged_delta"]
 
 # Elements of one adapter's tile per fused-merge call: 1 MiB of float32 on the CPU (in cache
 # while the tiles are merged), 16 MiB on a GPU (enough blocks to fill it).
 _CPU_TILE_ELEMENTS = 1 << 18
 _CUDA_TILE_ELEMENTS = 1 << 22
-_MASK64 = (1 << 64) - 1
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 when any tensor is float64, else float32: the dtype deltas are formed in."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _op_seed(seed: int) -> int:
-    seed &= _MASK64
-    return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
 def _check_factors(
@@ -65,7 +59,7 @@ def _check_factors(
         raise ValueError("lora_a: no adapters to merge")
     for arg, values in (("lora_b", lora_b), ("scalings", scalings), ("weights", weights)):
         if len(values) != count:
-            raise ValueError(f"{arg}: expected {count} entries (one per adapter), got {len(values)}")
+            raise ValueError(f"{arg}: expected one entry per adapter ({count}), got {len(values)}")
     d, k = lora_b[0].shape[0], lora_a[0].shape[-1]
     for i, (a, b) in enumerate(zip(lora_a, lora_b)):
         for arg, t in (("lora_a", a), ("lora_b", b)):
@@ -93,6 +87,21 @@ def _kernel_args(strategy: str, density: object, majority_sign_method: object):
     return rule, density, election
 
 
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The delta ``(B @ A) * scaling`` of one adapter, as delta-space merges form it.
+
+    Each entry sums ``B[i, p] * A[p, j]`` over the rank in order, in the compute dtype (see
+    :func:`compute_dtype`), then multiplies by ``scaling``: the same bits on the CPU and CUDA,
+    and for any block of rows computed on its own (a BLAS product may round a row differently
+    depending on the rows computed with it).
+    """
+    dtype = compute_dtype(lora_a, lora_b)
+    a, b = lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous()
+    out = torch.empty(b.shape[0], a.shape[1], dtype=dtype, device=a.device)
+    _ops.ops.lora_delta_out(a, b, float(scaling), 0, out)
+    return out
+
+
 def merged_delta(
     lora_a: Sequence[torch.Tensor],
     lora_b: Sequence[torch.Tensor],
@@ -107,10 +116,9 @@ def merged_delta(
 ) -> torch.Tensor:
     """The dense merged delta of one module, formed tile by tile.
 
-    Equal, bit for bit, to ``lorax_merge.merge([s_i * (B_i @ A_i) ...], weights,
-    fused_strategy(strategy), density=..., majority_sign_method=..., seed=seed)`` with the deltas
-    in the compute dtype, where ``s_i * (B_i @ A_i)`` is computed as ``(B_i @ A_i) * s_i`` (PEFT's
-    ``get_delta_weight``), without holding more than one dense delta.
+    Equal, bit for bit, to ``lorax_merge.merge([lora_delta(A_i, B_i, s_i) ...], weights,
+    fused_strategy(strategy), density=..., majority_sign_method=..., seed=seed)``, without
+    holding more than one dense delta.
 
     Args:
         lora_a: ``A_i``, ``r_i x k`` (ranks may differ).
@@ -134,44 +142,36 @@ def merged_delta(
     scale = [float(s) for s in scalings]
     if out is None:
         out = torch.empty(d, k, dtype=dtype, device=device)
-    elif out.shape != (d, k) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+    elif (out.shape, out.dtype, out.device) != ((d, k), dtype, device) or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous {d} x {k} {dtype} tensor on {device}")
     if out.numel() == 0:
         return out
-    tile = _CUDA_TILE_ELEMENTS if device.type == "cuda" else _CPU_TILE_ELEMENTS
-    rows = max(2, tile // k // 2 * 2)  # even: tiles start at even flat indices
-    starts = range(0, d, rows)
-
-    def delta_tile(i: int, r0: int) -> torch.Tensor:
-        # The same call for the same rows in both passes, so the values are identical.
-        return (b_work[i][r0 : r0 + rows] @ a_work[i]) * scale[i]
+    # The tiles of all adapters together stay within a quarter of the output.
+    cap = _CUDA_TILE_ELEMENTS if device.type == "cuda" else _CPU_TILE_ELEMENTS
+    tile = min(cap, d * k // (4 * len(a_work)))
+    rows = min(d, max(2, tile // k // 2 * 2))  # even: tiles start at even flat indices
 
     thresholds = None
     if rule.pruning == "magnitude" and density < 1:
         per_task = []
-        for i in range(len(a_work)):
-            for r0 in starts:
-                out[r0 : r0 + rows].copy_(delta_tile(i, r0))
+        for a, b, s in zip(a_work, b_work, scale):
+            _ops.ops.lora_delta_out(a, b, s, 0, out)
             per_task.append(_ops.ops.magnitude_thresholds([out], density))
         thresholds = torch.cat(per_task)
-    op_seed = 0
+    kernel_seed = 0
     if rule.is_random and density < 1:
-        op_seed = _op_seed(draw_seed() if seed is None else seed)
+        kernel_seed = op_seed(seed_or_drawn(seed))
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
-    for r0 in starts:
-        tiles = [delta_tile(i, r0) for i in range(len(a_work))]
+    buffers = [torch.empty(rows, k, dtype=dtype, device=device) for _ in a_work]
+    for r0 in range(0, d, rows):
+        count = min(rows, d - r0)
+        tiles = [buffer[:count] for buffer in buffers]
+        for a, b, s, t in zip(a_work, b_work, scale, tiles):
+            _ops.ops.lora_delta_out(a, b, s, r0, t)
         _ops.ops.merge_slice_out(
-            tiles,
-            w,
-            rule.pruning,
-            election,
-            density,
-            rule.rescale,
-            op_seed,
-            r0 * k,
-            thresholds,
-            out[r0 : r0 + rows],
-        )
+            tiles, w, rule.pruning, election, density, rule.rescale, kernel_seed, r0 * k,
+            thresholds, out[r0 : r0 + count],
+        )  # fmt: skip
     return out
 
 
@@ -249,9 +249,7 @@ def merge_lora_module(
             majority_sign_method=majority_sign_method,
             seed=seed,
         )
-        u, s, vh = refactor_dense(
-            delta, rank, driver=svd_driver, full_matrices=svd_full_matrices
-        )
+        u, s, vh = refactor_dense(delta, rank, driver=svd_driver, full_matrices=svd_full_matrices)
         del delta
     return peft_factors(u, s, vh, rank, clamp=svd_clamp, dtype=dtype)
 
@@ -265,4 +263,3 @@ def _padded_concat(
         lora_a = torch.cat([lora_a, lora_a.new_zeros(extra, lora_a.shape[1])])
         lora_b = torch.cat([lora_b, lora_b.new_zeros(lora_b.shape[0], extra)], dim=1)
     return lora_a.to(dtype).contiguous(), lora_b.to(dtype).contiguous()
-

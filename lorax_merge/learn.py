@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 
-from ._validation import check_density, check_majority_sign_method, check_seed
-from .adapters import derive_tensor_seed
-from .api import draw_seed, merge_many
-from .strategy_table import STRATEGIES
+from ._validation import check_density, check_majority_sign_method, check_strategy
+from .api import merge_many
+from .seeds import check_seed, derive_tensor_seed, draw_seed
 
 __all__ = ["LearnedWeights", "learn_weights", "module_name"]
 
@@ -159,11 +158,7 @@ def learn_weights(
         raise ValueError("batches: expected a non-empty sequence (use [None] for no data)")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(
-            f"strategy: unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}"
-        )
-    random = STRATEGIES[strategy].is_random
+    random = check_strategy(strategy).is_random  # a factor-space strategy
     density = check_density(density)
     majority_sign_method = check_majority_sign_method(majority_sign_method)
     seed = check_seed(seed)

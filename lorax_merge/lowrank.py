@@ -27,12 +27,15 @@ __all__ = [
     "CUDA_SVD_DRIVERS",
     "CPU_SVD_DRIVERS",
     "RANGE_FINDER_SEED",
+    "canonical_signs",
     "check_svd_driver",
     "check_svd_clamp",
     "dense_svd",
     "peft_factors",
     "randomized_svd",
+    "refactor_dense",
     "svd_of_factor_sum",
+    "torch_driver",
 ]
 
 #: ``torch.linalg.svd`` drivers of cuSOLVER (CUDA tensors only).
@@ -44,7 +47,6 @@ RANGE_FINDER_SEED = 0x5EED
 
 _WORK = torch.float64
 _QUANTILE_LIMIT = 1 << 24  # torch.quantile refuses larger inputs
-_FINITE_CHUNK = 1 << 22
 
 
 def check_svd_driver(driver: object, device: torch.device) -> str | None:
@@ -96,13 +98,27 @@ def torch_driver(driver: str | None) -> str | None:
 
 
 def _finite_flag(*tensors: torch.Tensor) -> torch.Tensor:
-    """A 0-d bool tensor: every entry of every tensor is finite (no host synchronisation)."""
+    """A 0-d bool tensor: every entry of every tensor is finite (no host synchronisation).
+
+    From the minimum and maximum (NaN propagates into both): one pass, no temporary the size
+    of the input, as ``isfinite(t).all()`` would make.
+    """
     flag = torch.ones((), dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
-        # In chunks: a bool mask the size of a large delta would add a quarter of it to the peak.
-        for chunk in t.reshape(-1).split(_FINITE_CHUNK):
-            flag = flag & torch.isfinite(chunk).all()
+        if t.numel():
+            low, high = torch.aminmax(t)
+            flag = flag & torch.isfinite(low) & torch.isfinite(high)
     return flag
+
+
+def canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fix the sign an SVD leaves free: the largest-magnitude entry of each ``U`` column is
+    positive (``vh``'s rows flip with it), so results do not depend on the route taken."""
+    if u.numel() == 0:
+        return u, vh
+    rows = u.abs().argmax(dim=0, keepdim=True)
+    signs = torch.where(u.gather(0, rows) < 0, -1.0, 1.0).to(u.dtype)
+    return u * signs, vh * signs.mT
 
 
 def _orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
@@ -139,7 +155,7 @@ def svd_of_factor_sum(
     u_core, s, vh_core = torch.linalg.svd(
         r_b @ r_a.mT, full_matrices=False, driver=torch_driver(driver)
     )
-    u, vh = q_b @ u_core, vh_core @ q_a.mT
+    u, vh = canonical_signs(q_b @ u_core, vh_core @ q_a.mT)
     nan = torch.tensor(math.nan, dtype=_WORK, device=u.device)
     return tuple(torch.where(finite, x, nan) for x in (u, s, vh))  # type: ignore[return-value]
 
@@ -149,7 +165,7 @@ def randomized_svd(
     rank: int,
     *,
     oversample: int | None = None,
-    power_iterations: int = 2,
+    power_iterations: int = 3,
     seed: int = RANGE_FINDER_SEED,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-``rank`` SVD of a dense matrix by a randomized range finder.
@@ -177,7 +193,8 @@ def randomized_svd(
     projected = (matrix.mT @ basis.to(matrix.dtype)).mT.to(_WORK)  # Q^T M, width x k
     u_small, s, vh = torch.linalg.svd(projected, full_matrices=False)
     keep = min(rank, width)
-    return (basis @ u_small)[:, :keep], s[:keep], vh[:keep]
+    u, vh = canonical_signs((basis @ u_small)[:, :keep], vh[:keep])
+    return u, s[:keep], vh
 
 
 def dense_svd(

@@ -17,11 +17,20 @@ Space = Literal["factor", "delta"]
 Refactor = Literal["none", "concat", "svd"]
 
 __all__ = [
+    "LINEAR",
+    "SVD",
     "StrategySpec",
     "STRATEGIES",
     "fused_strategy",
     "strategy_names",
 ]
+
+#: The plain weighted sum (no pruning, no sign election): the default strategy of every API,
+#: and what a PEFT-weighted merge of a single adapter reduces to.
+LINEAR = "linear"
+#: The exact weighted sum of the adapters' deltas truncated by an SVD: the default
+#: ``combination_type`` of PEFT's ``add_weighted_adapter`` and of the delta-space APIs.
+SVD = "svd"
 
 
 @dataclass(frozen=True)
@@ -58,12 +67,36 @@ class StrategySpec:
 
     @property
     def uses_density(self) -> bool:
+        """Pruning: the merge reads ``density``."""
         return self.pruning != "none"
+
+    @property
+    def uses_svd(self) -> bool:
+        """Re-factoring by a truncated SVD: the merge reads ``rank`` and ``svd_driver``."""
+        return self.refactor == "svd"
+
+    @property
+    def class_name(self) -> str:
+        """Name of the strategy's class in ``lorax_merge.strategies`` (``TiesMerge``)."""
+        return "".join(part.capitalize() for part in self.name.split("_")) + "Merge"
+
+    @property
+    def description(self) -> str:
+        """What the strategy does, in words (the docstring of its class)."""
+        steps = {
+            "none": [],
+            "magnitude": ["magnitude pruning to ``density``"],
+            "random": ["random pruning to ``density``"],
+        }[self.pruning]
+        if self.rescale:
+            steps.append("kept entries rescaled by 1/density")
+        steps.append("sign election and disjoint merge" if self.elects_sign else "weighted sum")
+        return ", ".join(steps)
 
 
 _ROWS = (
     # name                    pruning      elects rescale space    refactor  server peft
-    StrategySpec("linear", "none", False, False, "factor", "none", True, True),
+    StrategySpec(LINEAR, "none", False, False, "factor", "none", True, True),
     StrategySpec("ties", "magnitude", True, False, "factor", "none", True, True),
     StrategySpec("dare_linear", "random", False, True, "factor", "none", True, True),
     StrategySpec("dare_ties", "random", True, True, "factor", "none", True, True),
@@ -76,7 +109,8 @@ _ROWS = (
     StrategySpec("magnitude_prune_svd", "magnitude", False, False, "delta", "svd", False, True),
 )
 
-#: Every strategy by name, in the order the docs list them.
+#: Every strategy by name, in the order the docs list them. The LoRAX server's strategies come
+#: first, in the order of its ``MergeStrategy`` enum (their protobuf values).
 STRATEGIES: dict[str, StrategySpec] = {row.name: row for row in _ROWS}
 
 

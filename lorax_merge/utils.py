@@ -10,10 +10,8 @@ from ._validation import (
     check_float_tensor,
     check_majority_sign_method,
     check_prune_method,
-    check_seed,
-    check_stream,
 )
-from .api import _op_seed, draw_seed
+from .seeds import check_seed, check_stream, op_seed, seed_or_drawn
 
 __all__ = ["prune", "calculate_majority_sign_mask", "disjoint_merge"]
 
@@ -43,10 +41,9 @@ def prune(
         return tensor
     if method == "magnitude":
         return _ops.ops.magnitude_prune(tensor, density)
-    seed = check_seed(seed)
-    seed = draw_seed() if seed is None else seed
+    seed = seed_or_drawn(check_seed(seed))
     return _ops.ops.random_prune(
-        tensor, density, bool(rescale), _op_seed(seed), check_stream(stream)
+        tensor, density, bool(rescale), op_seed(seed), check_stream(stream)
     )
 
 
@@ -56,9 +53,7 @@ def calculate_majority_sign_mask(tensor: torch.Tensor, method: str = "total") ->
     The majority at each position is +1 where ``sum(x)`` (``"total"``) or ``sum(sign(x))``
     (``"frequency"``) over the N tasks is >= 0, else -1; zeros never match.
     """
-    check_float_tensor(tensor, "tensor")
-    if tensor.dim() == 0:
-        raise ValueError("tensor must be stacked task tensors [N, ...], got a 0-D tensor")
+    check_float_tensor(tensor, "tensor")  # the op checks that it is at least 1-D
     return _ops.ops.majority_sign_mask(tensor, check_majority_sign_method(method))
 
 

@@ -2,6 +2,8 @@
 
 * ``DEVICES`` / the ``device`` fixture: "cpu", plus "cuda" which is skipped
   (with the reason) when no GPU is visible.
+* ``CPU_CAPABILITIES`` / the ``cpu_capability`` fixture: each CPU kernel level this machine
+  runs ("default", "avx2", "avx512"), switched to for the test and back afterwards.
 * ``@pytest.mark.slow``: large cases; deselect with ``-m "not slow"``.
 * Hypothesis profiles: ``ci`` (default; a few hundred examples over the whole
   suite) and ``nightly`` (thousands), chosen with ``HYPOTHESIS_PROFILE``.
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from lorax_merge import _C
 
 _HERE = Path(__file__).resolve().parent
 for _path in (_HERE, _HERE.parent / "benchmarks"):
@@ -45,6 +49,10 @@ DEVICES = [
 ]
 
 
+#: CPU capability levels compiled in that this machine can run, lowest first
+CPU_CAPABILITIES = _C.supported_cpu_capabilities()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: large inputs; deselect with -m 'not slow'")
     config.addinivalue_line("markers", "cuda: needs a visible CUDA device")
@@ -54,6 +62,15 @@ def pytest_configure(config: pytest.Config) -> None:
 def device(request: pytest.FixtureRequest) -> str:
     """Each supported device in turn; CUDA is skipped without a GPU."""
     return request.param
+
+
+@pytest.fixture(params=CPU_CAPABILITIES)
+def cpu_capability(request: pytest.FixtureRequest):
+    """The CPU kernels switched to each supported level in turn, then back."""
+    previous = _C.cpu_capability()
+    _C._set_cpu_capability(request.param)
+    yield request.param
+    _C._set_cpu_capability(previous)
 
 
 @pytest.fixture(autouse=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
+from hypothesis import strategies as st
 
 from lorax_merge import utils
 
@@ -89,6 +92,29 @@ def dare_masks(tasks: Sequence[torch.Tensor], density: float, seed: int) -> list
     ]
 
 
+@contextmanager
+def bernoulli_returns(masks: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Make ``torch.bernoulli`` return ``masks`` one after the other (as 0/1 of the input dtype).
+
+    Code that draws DARE masks with ``torch.bernoulli`` (PEFT, the LoRAX server) then prunes the
+    entries ``lorax_merge`` prunes for the same seed.
+    """
+    pending = list(masks)
+    original = torch.bernoulli
+
+    def fake(p, *args, **kwargs):
+        mask = pending.pop(0)
+        assert mask.shape == p.shape
+        return mask.to(device=p.device, dtype=p.dtype)
+
+    torch.bernoulli = fake
+    try:
+        yield
+    finally:
+        torch.bernoulli = original
+    assert not pending, "fewer masks were drawn than expected"
+
+
 def snapshot(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Bitwise copies, to check later that inputs were not modified."""
     return [t.detach().clone() for t in tensors]
@@ -97,13 +123,55 @@ def snapshot(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def assert_unmodified(before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> None:
     """Every tensor in ``after`` still holds the bits recorded in ``before``."""
     for i, (b, a) in enumerate(zip(before, after)):
-        assert torch.equal(_bits(b), _bits(a)), f"input {i} was modified"
+        assert torch.equal(bits(b), bits(a)), f"input {i} was modified"
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous()
-    view = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()]
-    return t.view(view) if t.dim() else t.reshape(1).view(view)
+#: the NaN every merge result holds where it is NaN, as an integer bit pattern per dtype
+CANONICAL_NAN_BITS = {
+    torch.float32: 0x7FFFFFFF,
+    torch.float64: 0x7FFFFFFFFFFFFFFF,
+    torch.float16: 0x7FFF,
+    torch.bfloat16: 0x7FFF,
+}
+
+_INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of ``t``'s elements, flat, as a signed integer tensor of their width."""
+    t = t.detach().contiguous().reshape(-1)
+    return t.view(_INT_OF_SIZE[t.element_size()])
+
+
+def unsigned_bits(t: torch.Tensor) -> list[int]:
+    """The bit patterns of ``t``'s elements as unsigned Python ints (for messages and sets)."""
+    width = 8 * t.element_size()
+    return [v & ((1 << width) - 1) for v in bits(t.cpu()).tolist()]
+
+
+def assert_same_bits(got: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """``got`` has ``expected``'s dtype and shape and the same bits in every element.
+
+    Stricter than ``assert_close(equal_nan=True)``: NaN payloads and the sign of zero count.
+    Either tensor may be on any device.
+    """
+    got_c, exp_c = got.detach().cpu(), expected.detach().cpu()
+    assert got_c.dtype == exp_c.dtype, f"{what}: dtype {got_c.dtype} != {exp_c.dtype}"
+    assert got_c.shape == exp_c.shape, f"{what}: shape {tuple(got_c.shape)} != {tuple(exp_c.shape)}"
+    a, b = bits(got_c), bits(exp_c)
+    if torch.equal(a, b):
+        return
+    differ = (a != b).nonzero().reshape(-1)
+    first = differ[:5].tolist()
+    digits = 2 * got_c.element_size()
+    shown = ", ".join(
+        f"[{i}] {unsigned_bits(got_c.reshape(-1)[i : i + 1])[0]:0{digits}x} != "
+        f"{unsigned_bits(exp_c.reshape(-1)[i : i + 1])[0]:0{digits}x}"
+        for i in first
+    )
+    raise AssertionError(
+        f"{what}: {differ.numel()} of {a.numel()} elements differ in bits: {shown}"
+    )
 
 
 def transposed(t: torch.Tensor) -> torch.Tensor:
@@ -129,3 +197,46 @@ def merge_kwargs(
     if strategy in RANDOM_STRATEGIES:
         kw["seed"] = seed
     return kw
+
+
+# ---------------------------------------------------------------- hypothesis: small, tame cases
+#: largest |value| of ``FINITE`` (products and sums stay far from overflow in every dtype)
+MAX_ABS = 100.0
+SPECIAL_VALUES = (math.nan, math.inf, -math.inf)
+
+
+def _flush_tiny(v: float) -> float:
+    # keep products and quotients away from subnormals so that exact properties hold
+    return 0.0 if abs(v) < 1e-3 else v
+
+
+FINITE = st.floats(-MAX_ABS, MAX_ABS, allow_nan=False, width=32).map(_flush_tiny)
+DENSITY = st.one_of(st.sampled_from([0.0, 1.0, 1.5, 0.29, 0.5]), st.floats(0.01, 0.99))
+WEIGHT = st.one_of(
+    st.sampled_from([0.0, 1.0, -1.0, 0.25, -3.5]),
+    st.floats(-10, 10, width=32).map(_flush_tiny),
+)
+SHAPE = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
+SEED = st.integers(0, 2**63 - 1)
+
+
+@st.composite
+def task_data(
+    draw, n: int, shape: tuple[int, ...], dtype: torch.dtype, kinds=("finite", "tied", "special")
+) -> list[torch.Tensor]:
+    """``n`` tensors of ``shape``: finite values, tie-heavy values, or either with NaN/Inf."""
+    kind = draw(st.sampled_from(kinds))
+    numel = math.prod(shape)
+    if kind == "finite":
+        elem = FINITE
+    elif kind == "tied":
+        elem = st.sampled_from(TIE_VALUES)
+    else:
+        elem = st.one_of(FINITE, st.sampled_from(TIE_VALUES), st.sampled_from(SPECIAL_VALUES))
+    tasks = []
+    for _ in range(n):
+        values = draw(st.lists(elem, min_size=numel, max_size=numel))
+        tasks.append(torch.tensor(values, dtype=torch.float64).to(dtype).reshape(shape))
+    if len(shape) >= 2 and draw(st.booleans()):
+        tasks = [transposed(t) for t in tasks]  # same values, column-major memory
+    return tasks

@@ -9,6 +9,8 @@ Conventions shared by every function:
 
 * A task tensor is read in its *logical* row-major order (``reshape(-1)``),
   whatever its strides.
+* Tasks of different dtypes are first converted (exactly) to their common
+  dtype, ``torch.promote_types`` over all of them; "the task dtype" is that one.
 * The pruned value ``v`` of an element is computed in the task dtype: a kept
   element is ``x`` (or ``x / density`` rounded to the task dtype for random
   pruning with rescale), a dropped element is ``x * 0`` (``+-0`` for finite
@@ -23,6 +25,7 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -217,9 +220,11 @@ def reference_merge_detailed(
     if strategy not in STRATEGY_TABLE:
         raise ValueError(f"unknown strategy {strategy!r}")
     pruning, elect = STRATEGY_TABLE[strategy]
-    tasks = [t.detach().to("cpu") for t in tasks]
+    # tasks of different dtypes are merged in their common dtype, as torch.stack promotes them
+    common = functools.reduce(torch.promote_types, (t.dtype for t in tasks))
+    tasks = [t.detach().to("cpu", common) for t in tasks]
     w = weights_as_tensor(weights)
-    res = result_dtype(tasks[0].dtype, w, out_dtype)
+    res = result_dtype(common, w, out_dtype)
     acc = accumulate_dtype(tasks[0].dtype, res)
     w = w.to(acc)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from peft.utils import merge_utils as peft_merge
 
 import lorax_merge
 from lorax_merge import adapters as A
+from lorax_merge import lorax_server
 
 SHAPES = {
     "model.layers.0.q_proj.lora_A.weight": (4, 16),
@@ -44,31 +44,6 @@ def states():
 
 def members(states, name):
     return [i for i, s in enumerate(states) if name in s]
-
-
-# ------------------------------------------------------------------------------------------ seeds
-@pytest.mark.parametrize("seed", [0, 1, 123456789, 2**63 - 1])
-@pytest.mark.parametrize("name", ["", "base_model.model.q_proj.lora_A.weight", "modül.λ"])
-def test_tensor_seed_follows_the_documented_formula(seed, name):
-    digest = hashlib.blake2b(
-        seed.to_bytes(8, "little") + name.encode("utf-8"), digest_size=8, person=b"lorax-merge/seed"
-    ).digest()
-    assert A.derive_tensor_seed(seed, name) == int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def test_tensor_seeds_differ_between_names_and_seeds():
-    names = [f"layers.{i}.q_proj.lora_{ab}.weight" for i in range(50) for ab in "AB"]
-    seeds = {A.derive_tensor_seed(7, n) for n in names} | {
-        A.derive_tensor_seed(8, n) for n in names
-    }
-    assert len(seeds) == 2 * len(names)
-    assert all(0 <= s < 2**63 for s in seeds)
-
-
-@pytest.mark.parametrize("seed", [-1, 2**63, 1.0, True, "1"])
-def test_tensor_seed_rejects_bad_seeds(seed):
-    with pytest.raises((ValueError, TypeError), match="seed"):
-        A.derive_tensor_seed(seed, "x")
 
 
 # -------------------------------------------------------------------------------- merge_adapters
@@ -391,10 +366,12 @@ def test_module_maps_merge_like_the_lorax_server(states, merge_strategy, majorit
         density=0.5,
         majority_sign_method=majority_sign_method,
     )
-    merged, config = A.merge_module_maps(list(zip(module_maps(states), configs)), params)
+    merged, config = lorax_server.merge_module_maps(list(zip(module_maps(states), configs)), params)
     assert isinstance(config, ServerLoraConfig) and config.lora_alpha == 8
     assert config.target_modules == ["q_proj", "up_proj", "v_proj"]
-    strategy = A.LORAX_MERGE_STRATEGIES[merge_strategy] if merge_strategy != "TIES" else "ties"
+    strategy = (
+        lorax_server.LORAX_MERGE_STRATEGIES[merge_strategy] if merge_strategy != "TIES" else "ties"
+    )
     method = "frequency" if majority_sign_method in (1, "FREQUENCY") else "total"
     count = 0
     for name in SHAPES:
@@ -416,8 +393,8 @@ def test_module_maps_dare_uses_the_seed_and_refuses_bad_params(states):
     configs = [ServerLoraConfig("base", 4, list(m), False, 8, False) for m in MODULES]
     pairs = list(zip(module_maps(states), configs))
     params = {"weights": [], "merge_strategy": 3, "density": 0.5, "majority_sign_method": 0}
-    one, _ = A.merge_module_maps(pairs, params, seed=5)
-    two, _ = A.merge_module_maps(pairs, params, seed=5)
+    one, _ = lorax_server.merge_module_maps(pairs, params, seed=5)
+    two, _ = lorax_server.merge_module_maps(pairs, params, seed=5)
     # the same seeds as merge_adapters (and so lorax-merge) on the adapter files' tensor names
     files = [{f"base_model.{n}": t for n, t in s.items()} for s in states]
     plain = A.merge_adapters(files, strategy="dare_ties", density=0.5, seed=5)
@@ -426,9 +403,36 @@ def test_module_maps_dare_uses_the_seed_and_refuses_bad_params(states):
         assert torch.equal(one[weight_name][k][0], two[weight_name][k][0])
         assert torch.equal(one[weight_name][k][0], expected)
     with pytest.raises(ValueError, match="merge_strategy"):
-        A.merge_module_maps(pairs, dict(params, merge_strategy=7))
+        lorax_server.merge_module_maps(pairs, dict(params, merge_strategy=7))
     with pytest.raises(ValueError, match=r"\(r=4\).*\(r=8\)"):
-        A.merge_module_maps(
+        lorax_server.merge_module_maps(
             [pairs[0], (pairs[1][0], ServerLoraConfig("base", 8, ["q_proj"], False, 8, False))],
             params,
         )
+
+
+def test_module_maps_are_still_importable_from_adapters():
+    from lorax_merge.adapters import merge_module_maps
+
+    assert merge_module_maps is lorax_server.merge_module_maps
+    with pytest.raises(AttributeError, match="no_such_name"):
+        A.no_such_name  # noqa: B018
+
+
+def test_batches_share_dtype_and_device_and_respect_the_limits():
+    f32 = [torch.zeros(4, 4)]  # 64 bytes per name
+    bf16 = [torch.zeros(4, 4, dtype=torch.bfloat16)]  # 32 bytes
+    groups = {"a": f32, "b": bf16, "c": f32, "d": f32, "e": bf16, "big": [torch.zeros(100)]}
+    plan = A.plan_batches(groups, "input", max_groups=2, max_bytes=1000)
+    assert [(b.names, b.out_dtype) for b in plan] == [
+        (("a", "c"), torch.float32),
+        (("d", "big"), torch.float32),
+        (("b", "e"), torch.bfloat16),
+    ]
+    # a byte limit smaller than one name: that name alone
+    plan = A.plan_batches(groups, torch.float64, max_groups=64, max_bytes=100)
+    assert [b.names for b in plan] == [("a", "b"), ("c",), ("d", "e"), ("big",)]
+    assert {b.out_dtype for b in plan} == {torch.float64}
+    # every name in exactly one batch, in order
+    plan = A.plan_batches(groups, None)
+    assert [n for b in plan for n in b.names] == list(groups) and len(plan) == 1

@@ -1,8 +1,11 @@
-"""What the build put into the extension: CUDA machine code for the architectures it claims."""
+"""What the build put into the extension: CUDA machine code for the architectures it claims,
+and CPU code of each capability level only where that level runs."""
 
 from __future__ import annotations
 
 import os
+import platform
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,6 +39,7 @@ def test_build_info_describes_the_installation():
     assert INFO["num_threads"] == torch.get_num_threads() >= 1
     assert isinstance(INFO["cuda_compiled"], bool)
     assert INFO["cuda_compiled"] == bool(INFO["cuda_archs"])
+    assert INFO["cpu_capability"] in INFO["cpu_capabilities"]
 
 
 @pytest.mark.skipif(not INFO["cuda_compiled"], reason="built without the CUDA kernels")
@@ -50,3 +54,64 @@ def test_every_kernel_has_machine_code_for_every_claimed_architecture():
     for source in ("merge", "select", "stacked"):
         for arch in archs:
             assert f"{source}.sm_{arch}.cubin" in listing, (source, arch, listing)
+
+
+# --------------------------------------------------------------------------- CPU levels
+
+_FUNCTION = re.compile(r"^[0-9a-f]+ <(.*)>:$")
+# Registers of the wider levels, and AVX's VEX-encoded instructions on any vector register
+_YMM, _ZMM = re.compile(r"%ymm\d"), re.compile(r"%zmm\d")
+_VEX = re.compile(r"^\s+[0-9a-f]+:\s+v[a-z0-9]+\s.*%[xyz]mm\d")
+
+
+def _instructions_by_function(library: str, objdump: str) -> dict[str, list[str]]:
+    listing = subprocess.run(
+        [objdump, "-d", "-C", "--no-show-raw-insn", library],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    functions: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in listing.splitlines():
+        match = _FUNCTION.match(line)
+        if match:
+            current = functions.setdefault(match.group(1), [])
+        elif line.startswith(" "):
+            current.append(line)
+    return functions
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"), reason="AVX registers are x86-64's"
+)
+@pytest.mark.skipif(
+    bool(_C.CPU_ARCH),
+    reason=f"built with LORAX_MERGE_CPU_ARCH={_C.CPU_ARCH}: every file targets that CPU",
+)
+def test_wide_registers_only_in_their_levels_functions():
+    """AVX2 and AVX-512 code is only in functions of the lorax_merge::cpu::AVX2 and ::AVX512
+    namespaces: nothing compiled for a wider level (an inline function or template that the
+    linker could share with other levels, a static initialiser) reaches code that runs on
+    every CPU."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump not found")
+    functions = _instructions_by_function(_C.__file__, objdump)
+    misplaced = []
+    wide_functions = {"AVX2": 0, "AVX512": 0}
+    for name, lines in functions.items():
+        level = next((lv for lv in ("AVX512", "AVX2") if f"::{lv}::" in name), None)
+        uses_ymm = any(_YMM.search(line) for line in lines)
+        uses_zmm = any(_ZMM.search(line) for line in lines)
+        uses_vex = any(_VEX.match(line) for line in lines)
+        if level is None and (uses_ymm or uses_zmm or uses_vex):
+            misplaced.append(name)
+        elif level == "AVX2" and uses_zmm:
+            misplaced.append(name)
+        if level is not None and (uses_zmm if level == "AVX512" else uses_ymm):
+            wide_functions[level] += 1
+    assert not misplaced, f"{len(misplaced)} functions use a wider level's code: {misplaced[:5]}"
+    # The levels are really there, with their registers.
+    assert wide_functions["AVX2"] > 0 and wide_functions["AVX512"] > 0, wide_functions
+    assert set(INFO["cpu_capabilities"]) == {"default", "avx2", "avx512"}

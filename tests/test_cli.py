@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import struct
@@ -35,9 +36,10 @@ from safetensors.torch import save_file
 
 import lorax_merge
 from lorax_merge import adapters as A
-from lorax_merge import cli
+from lorax_merge.cli import command, report
+from lorax_merge.strategy_table import strategy_names
 
-STRATEGIES = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+STRATEGIES = strategy_names(space="factor")  # the command merges LoRA factors
 
 
 @pytest.fixture(scope="module")
@@ -353,7 +355,7 @@ def _case(tmp: Path, name: str):
         tensors = load_tensors(bad)
         tensors[next(iter(tensors))] = torch.ones(8, 64, dtype=torch.int64)
         save_file(tensors, str(st_file))
-        return [good, bad, *strategy], "only floating-point tensors"
+        return [good, bad, *strategy], "has dtype I64, not a floating-point type"
     if name == "same name with different shapes":
         tensors = load_tensors(bad)
         key = next(k for k in tensors if "lora_A" in k)
@@ -368,7 +370,7 @@ def _case(tmp: Path, name: str):
         torch.save(
             {"x.lora_A.weight": torch.ones(2, 2, dtype=torch.int32)}, bad / "adapter_model.bin"
         )
-        return [good, bad, *strategy], "only floating-point tensors"
+        return [good, bad, *strategy], "has dtype int32, not a floating-point type"
     if name == "legacy file with code":
         st_file.unlink()
         with open(bad / "adapter_model.bin", "wb") as handle:
@@ -495,9 +497,9 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert_one_line_error(code, stdout, stderr)
     assert "--overwrite" in stderr
     assert (out / "adapter_model.safetensors").read_bytes() == first
-    (out / "stale.txt").write_text("old")
+    (out / "README.md").write_text("old")  # a file adapter folders carry: replaced too
     merge_ok([a, "-o", out, "--strategy", "linear", "--weights", "2", "--overwrite"])
-    assert not (out / "stale.txt").exists()
+    assert not (out / "README.md").exists()
     assert (out / "adapter_model.safetensors").read_bytes() != first
     assert sorted(os.listdir(tmp_path)) == ["good", "out"]
 
@@ -527,9 +529,53 @@ def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch):
     a = _good(tmp_path)
     code, _, err = run_cli([a, "-o", tmp_path / "o1", "--strategy", "linear"])
     assert code == 0 and err == ""
-    monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: True)
+    monkeypatch.setattr(report, "stderr_is_terminal", lambda: True)
     code, _, err = run_cli([a, "-o", tmp_path / "o2", "--strategy", "linear"])
-    assert code == 0 and "merging [" in err and "8/8 tensors" in err
+    assert code == 0 and "merging [" in err and "/8 tensors" in err
+
+
+def test_progress_bar_is_skipped_quietly_without_tqdm(tmp_path, monkeypatch):
+    a = _good(tmp_path)
+    monkeypatch.setattr(report, "stderr_is_terminal", lambda: True)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    code, _, err = run_cli([a, "-o", tmp_path / "o", "--strategy", "linear"])
+    assert code == 0 and err == ""
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("value", "traceback"),
+    [("", False), ("0", False), ("false", False), ("off", False), ("1", True), ("Yes", True)],
+)
+def test_traceback_switch_is_a_boolean(tmp_path, monkeypatch, value, traceback):
+    def broken(spec):
+        raise RuntimeError("broken device lookup")
+
+    monkeypatch.setattr(command, "_resolve_device", broken)
+    monkeypatch.setenv("LORAX_MERGE_TRACEBACK", value)
+    monkeypatch.setenv("LORAX_MERGE_DEBUG", "1")  # the build's switch: not the command's
+    argv = [_good(tmp_path), "-o", tmp_path / "o", "--strategy", "linear"]
+    if traceback:
+        with pytest.raises(RuntimeError, match="broken device lookup"):
+            run_cli(argv)
+    else:
+        code, out, err = run_cli(argv)
+        assert code == 1 and out == ""
+        assert err == "lorax-merge: error: unexpected error: RuntimeError: broken device lookup\n"
+
+
+def test_strategy_choices_and_seed_help_come_from_the_strategy_table(capsys):
+    with pytest.raises(SystemExit):
+        command._parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{" + ",".join(strategy_names()) + "}" in text
+    seed_help = text.split("options:", 1)[1].split("--seed S", 1)[1].split("--device", 1)[0]
+    named = set(re.findall(r"[a-z_]+", seed_help)) & set(strategy_names())
+    assert named == set(strategy_names(random=True))
+    strategy_help = text.split("options:", 1)[1].split("--strategy {", 1)[1].split("--weights")[0]
+    for space in ("factor", "delta"):
+        listed = strategy_help.split(f"{space.capitalize()} space (", 1)[1].split(")", 1)[0]
+        assert tuple(listed.split(", ")) == strategy_names(space=space)
 
 
 # ------------------------------------------------------------------------------- real processes
@@ -568,12 +614,13 @@ def test_python_dash_m_runs_the_command(tmp_path):
 _SLOW_WRITER = """
 import os, sys, time
 import lorax_merge.cli as cli
-write = cli._save_tensors
+from lorax_merge.cli import output
+write = output.save_tensors
 def slow(tensors, path):
     write(tensors, path)
     open(os.environ["READY_FILE"], "w").close()
     time.sleep(120)
-cli._save_tensors = slow
+output.save_tensors = slow
 sys.exit(cli.main(sys.argv[1:]))
 """
 

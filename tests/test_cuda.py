@@ -8,22 +8,31 @@ without them the module is skipped, with the reason. The device-parametrised cor
 
 from __future__ import annotations
 
+import ctypes
 import math
+import threading
+from collections.abc import Callable
+from functools import partial
 
 import pytest
 import torch
 from helpers import (
     ALL_DTYPES,
+    CANONICAL_NAN_BITS,
     ELECTING_STRATEGIES,
     STRATEGIES,
+    assert_same_bits,
     assert_unmodified,
     make_tasks,
     merge_kwargs,
     snapshot,
+    unsigned_bits,
 )
 
 import lorax_merge
 from lorax_merge import utils
+from lorax_merge.lorax_server import merge_module_maps
+from lorax_merge.strategies import strategy_registry
 
 _HAS_CUDA = torch.cuda.is_available()
 _CUDA_BUILT = bool(lorax_merge.build_info().get("cuda_compiled", False))
@@ -37,20 +46,9 @@ pytestmark = [
 ]
 
 WEIGHTS3 = [0.5, -1.25, 2.0]
-# Sizes around the vector width (8), the merge block (2048 elements) and the selection
-# tile (32768 elements).
-ODD_SIZES = [1, 3, 7, 9, 2047, 2049, 32767, 32769, 70001]
-
-
-def assert_same(got: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """Same dtype and shape, and the same values (NaN where NaN) as ``expected``."""
-    got_c = got.detach().cpu()
-    exp_c = expected.detach().cpu()
-    assert got_c.dtype == exp_c.dtype, f"{what}: dtype {got_c.dtype} != {exp_c.dtype}"
-    assert got_c.shape == exp_c.shape, f"{what}: shape {tuple(got_c.shape)} != {tuple(exp_c.shape)}"
-    torch.testing.assert_close(
-        got_c, exp_c, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}"
-    )
+# Sizes around the vector width (8), the merge block (2048 elements), the selection tile
+# (32768 elements) and the largest 16-bit selection done by one block (12 tiles).
+ODD_SIZES = [1, 3, 7, 9, 2047, 2049, 32767, 32769, 70001, 393216, 393217]
 
 
 def on_cuda(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -76,7 +74,7 @@ def test_every_strategy_and_dtype_equals_cpu(strategy, dtype, density):
         kw = merge_kwargs(strategy, density, method, seed=11)
         cpu, gpu = both_devices(tasks, WEIGHTS3, strategy, **kw)
         assert gpu.device.type == "cuda"
-        assert_same(gpu, cpu, f"{strategy} {dtype} d={density} {method}")
+        assert_same_bits(gpu, cpu, f"{strategy} {dtype} d={density} {method}")
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
@@ -86,7 +84,7 @@ def test_out_dtypes_equal_cpu(strategy, out_dtype):
     kw = merge_kwargs(strategy, 0.4, seed=5)
     cpu, gpu = both_devices(tasks, [1.0, -0.5, 0.25, 2.0], strategy, out_dtype=out_dtype, **kw)
     assert gpu.dtype == out_dtype
-    assert_same(gpu, cpu, f"{strategy} -> {out_dtype}")
+    assert_same_bits(gpu, cpu, f"{strategy} -> {out_dtype}")
 
 
 @pytest.mark.parametrize("n", ODD_SIZES)
@@ -94,7 +92,7 @@ def test_out_dtypes_equal_cpu(strategy, out_dtype):
 def test_odd_sizes_equal_cpu(strategy, n):
     tasks = make_tasks(2, (n,), torch.float16, "normal", seed=n)
     cpu, gpu = both_devices(tasks, [0.75, 1.5], strategy, **merge_kwargs(strategy, 0.35, seed=1))
-    assert_same(gpu, cpu, f"{strategy} n={n}")
+    assert_same_bits(gpu, cpu, f"{strategy} n={n}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
@@ -108,12 +106,12 @@ def test_misaligned_views_equal_cpu(strategy, dtype):
     kw = merge_kwargs(strategy, 0.5, seed=9)
     expected = lorax_merge.merge(views_cpu, WEIGHTS3, strategy, **kw)
     got = lorax_merge.merge(views_gpu, WEIGHTS3, strategy, **kw)
-    assert_same(got, expected, f"{strategy} misaligned tasks")
+    assert_same_bits(got, expected, f"{strategy} misaligned tasks")
     # A misaligned destination as well.
     buffer = torch.full((n + 1,), math.nan, dtype=expected.dtype, device="cuda")
     returned = lorax_merge.merge(views_gpu, WEIGHTS3, strategy, out=buffer[1:], **kw)
     assert returned.data_ptr() == buffer[1:].data_ptr()
-    assert_same(buffer[1:], expected, f"{strategy} misaligned out")
+    assert_same_bits(buffer[1:], expected, f"{strategy} misaligned out")
     assert math.isnan(buffer[0].item()), "merge wrote outside its destination"
 
 
@@ -126,7 +124,7 @@ def test_non_contiguous_and_nd_equal_cpu(strategy):
     kw = merge_kwargs(strategy, 0.6, seed=4)
     expected = lorax_merge.merge(tasks_cpu, WEIGHTS3, strategy, **kw)
     got = lorax_merge.merge(tasks_gpu, WEIGHTS3, strategy, **kw)
-    assert_same(got, expected, strategy)
+    assert_same_bits(got, expected, strategy)
     assert_unmodified(before, tasks_gpu)
 
 
@@ -137,7 +135,7 @@ def test_nan_and_inf_equal_cpu(strategy):
     tasks[1][5::89] = math.inf
     tasks[2][7::101] = -math.inf
     cpu, gpu = both_devices(tasks, WEIGHTS3, strategy, **merge_kwargs(strategy, 0.5, seed=2))
-    assert_same(gpu, cpu, strategy)
+    assert_same_bits(gpu, cpu, strategy)
 
 
 def test_empty_and_scalar_tensors():
@@ -146,7 +144,7 @@ def test_empty_and_scalar_tensors():
         for strategy in STRATEGIES:
             kw = merge_kwargs(strategy, 0.5, seed=3)
             cpu, gpu = both_devices(tasks, [1.0, 2.0], strategy, **kw)
-            assert_same(gpu, cpu, f"{strategy} shape {shape}")
+            assert_same_bits(gpu, cpu, f"{strategy} shape {shape}")
 
 
 def test_seventeen_tasks_equal_cpu():
@@ -154,7 +152,7 @@ def test_seventeen_tasks_equal_cpu():
     weights = [(-1) ** i * (0.1 + i / 17) for i in range(17)]
     for strategy in STRATEGIES:
         cpu, gpu = both_devices(tasks, weights, strategy, **merge_kwargs(strategy, 0.3, seed=12))
-        assert_same(gpu, cpu, strategy)
+        assert_same_bits(gpu, cpu, strategy)
 
 
 @pytest.mark.parametrize(
@@ -167,7 +165,71 @@ def test_weights_on_the_gpu_equal_cpu_weights(wdtype):
         kw = merge_kwargs(strategy, 0.45, seed=13)
         expected = lorax_merge.merge(tasks, w_cpu, strategy, **kw)
         got = lorax_merge.merge(on_cuda(tasks), w_cpu.cuda(), strategy, **kw)
-        assert_same(got, expected, f"{strategy} weights {wdtype}")
+        assert_same_bits(got, expected, f"{strategy} weights {wdtype}")
+
+
+# --------------------------------------------------------------------------- NaN and zeros
+
+
+def _from_bits(patterns: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Values of ``dtype`` with the given (unsigned) bit patterns."""
+    int_type = {8: torch.int64, 4: torch.int32, 2: torch.int16}[dtype.itemsize]
+    width = 8 * dtype.itemsize
+    signed = [p - (1 << width) if p >> (width - 1) else p for p in patterns]
+    return torch.tensor(signed, dtype=int_type).view(dtype)
+
+
+#: quiet and signalling NaNs of both signs, with and without payloads
+NAN_PATTERNS = {
+    torch.float32: [0x7FC00000, 0xFFC00000, 0x7FC00123, 0x7F800001, 0xFFBFFFFF],
+    torch.float64: [0x7FF8000000000000, 0xFFF8000000000000, 0x7FF8000000000123, 0x7FF0000000000001],
+    torch.float16: [0x7E00, 0xFE00, 0x7E01, 0x7C01, 0xFDFF],
+    torch.bfloat16: [0x7FC0, 0xFFC0, 0x7FC1, 0x7F81, 0xFFBF],
+}
+
+
+def special_tasks(dtype: torch.dtype, n_tasks: int = 3, numel: int = 4099, seed: int = 0):
+    """Tasks drawn from NaNs with payloads, +-Inf, +-0 and a few finite values."""
+    pool = torch.cat(
+        [
+            _from_bits(NAN_PATTERNS[dtype], dtype),
+            torch.tensor([math.inf, -math.inf, 0.0, -0.0, -0.0, 1.0, -1.5, 0.5], dtype=dtype),
+        ]
+    )
+    gen = torch.Generator().manual_seed(seed)
+    return [pool[torch.randint(pool.numel(), (numel,), generator=gen)] for _ in range(n_tasks)]
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_nan_payloads_and_signed_zeros_equal_cpu_bit_for_bit(dtype, out_dtype):
+    tasks = special_tasks(dtype, seed=3)
+    for weights in (WEIGHTS3, [1.0, -1.0, 0.0]):
+        for strategy in STRATEGIES:
+            for method in ("total", "frequency") if strategy in ELECTING_STRATEGIES else ("total",):
+                kw = merge_kwargs(strategy, 0.5, method, seed=17)
+                cpu, gpu = both_devices(tasks, weights, strategy, out_dtype=out_dtype, **kw)
+                what = f"{strategy} {dtype} -> {cpu.dtype} {method} w={weights}"
+                assert_same_bits(gpu, cpu, what)
+                nan_bits = set(unsigned_bits(cpu[torch.isnan(cpu)]))
+                assert nan_bits == {CANONICAL_NAN_BITS[cpu.dtype]}, f"{what}: NaN bits {nan_bits}"
+    # The inputs do produce both zeros: a one-task linear merge keeps the sign of zero.
+    single = lorax_merge.merge(on_cuda(tasks[:1]), [1.0], out_dtype=out_dtype)
+    signs = torch.signbit(single[single == 0]).cpu()
+    assert bool(signs.any()) and not bool(signs.all())
+
+
+def test_stacked_primitives_write_canonical_nans_and_signed_zeros():
+    for dtype in ALL_DTYPES:
+        stacked = torch.stack(special_tasks(dtype, n_tasks=4, numel=999, seed=5))
+        for method in ("total", "frequency"):
+            mask_cpu = utils.calculate_majority_sign_mask(stacked, method)
+            mask_gpu = utils.calculate_majority_sign_mask(stacked.cuda(), method)
+            assert torch.equal(mask_gpu.cpu(), mask_cpu)
+            cpu = utils.disjoint_merge(stacked, mask_cpu)
+            gpu = utils.disjoint_merge(stacked.cuda(), mask_cpu.cuda())
+            assert_same_bits(gpu, cpu, f"disjoint merge {dtype} {method}")
+            assert set(unsigned_bits(cpu[torch.isnan(cpu)])) == {CANONICAL_NAN_BITS[cpu.dtype]}
 
 
 # --------------------------------------------------------------------------- masks and ties
@@ -190,28 +252,32 @@ def test_random_prune_rescaled_equals_cpu(dtype):
     for density in (0.2, 0.5, 0.999):
         cpu = utils.prune(x, density, "random", rescale=True, seed=21, stream=3)
         gpu = utils.prune(x.cuda(), density, "random", rescale=True, seed=21, stream=3)
-        assert_same(gpu, cpu, f"{dtype} d={density}")
+        assert_same_bits(gpu, cpu, f"{dtype} d={density}")
 
 
-@pytest.mark.parametrize("n", [100, 32768, 32769, 300001])
+@pytest.mark.parametrize("n", [100, 32768, 32769, 300001, 393217, 1000003])
 def test_tie_heavy_bf16_magnitude_prune_equals_cpu(n):
     # Eight distinct values: the threshold key is shared by a large fraction of the tensor,
-    # so the tie cut (lower flat index first) decides many elements, across many tiles.
+    # so the tie cut (lower flat index first) decides many elements, across many tiles; up
+    # to 300001 elements one block selects, from 393217 the tiles are spread over blocks.
     x = make_tasks(1, (n,), torch.bfloat16, "tie_heavy", seed=n)[0]
     for density in (1 / n, 0.1, 0.29, 0.5, 0.77, 1 - 1 / n):
         cpu = utils.prune(x, density, "magnitude")
         gpu = utils.prune(x.cuda(), density, "magnitude")
-        assert_same(gpu, cpu, f"n={n} d={density}")
+        assert_same_bits(gpu, cpu, f"n={n} d={density}")
         kept = int(density * n)
         assert int((gpu != 0).sum()) <= kept
 
 
+@pytest.mark.parametrize("shape", [(3, 40000), (7, 60000)], ids=["one-block", "split"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_magnitude_threshold_across_tiles_equals_cpu(dtype):
-    # Several selection tiles, with every digit pass of the key width exercised.
-    x = make_tasks(1, (3, 40000), dtype, "normal", seed=15)[0]
+def test_magnitude_threshold_across_tiles_equals_cpu(dtype, shape):
+    # Several selection tiles, with every digit pass of the key width exercised: 120000
+    # elements are selected by one block for every dtype, 420000 spread over one block per
+    # tile for every dtype.
+    x = make_tasks(1, shape, dtype, "normal", seed=15)[0]
     for density in (0.001, 0.3, 0.5, 0.9999):
-        assert_same(
+        assert_same_bits(
             utils.prune(x.cuda(), density, "magnitude"), utils.prune(x, density, "magnitude")
         )
 
@@ -235,7 +301,7 @@ def test_stacked_primitives_equal_cpu(dtype, method):
     assert torch.equal(gpu_mask.cpu(), cpu_mask)
     cpu = utils.disjoint_merge(stacked, cpu_mask)
     gpu = utils.disjoint_merge(stacked.cuda(), gpu_mask)
-    assert_same(gpu, cpu, f"disjoint {dtype}")
+    assert_same_bits(gpu, cpu, f"disjoint {dtype}")
 
 
 # --------------------------------------------------------------------------- merge_many
@@ -265,7 +331,7 @@ def test_merge_many_equals_cpu_and_per_group_merge(strategy, count):
     gpu = lorax_merge.merge_many(gpu_groups, weights, seed=77, **kw)
     assert len(gpu) == len(groups)
     for g, (a, b) in enumerate(zip(gpu, cpu)):
-        assert_same(a, b, f"group {g}")
+        assert_same_bits(a, b, f"group {g}")
     # Each group equals a plain merge with that group's derived seed.
     for g in (0, len(groups) - 1):
         one = lorax_merge.merge(
@@ -275,7 +341,7 @@ def test_merge_many_equals_cpu_and_per_group_merge(strategy, count):
             density=0.4,
             seed=lorax_merge.derive_seed(77, g),
         )
-        assert_same(gpu[g], one, f"group {g} vs merge")
+        assert_same_bits(gpu[g], one, f"group {g} vs merge")
 
 
 def test_merge_many_with_gpu_weights_and_mixed_dtypes():
@@ -287,38 +353,123 @@ def test_merge_many_with_gpu_weights_and_mixed_dtypes():
         expected = lorax_merge.merge_many(groups, weights, **kw)
         got = lorax_merge.merge_many([on_cuda(g) for g in groups], weights.cuda(), **kw)
         for g, (a, b) in enumerate(zip(got, expected)):
-            assert_same(a, b, f"{strategy} group {g}")
+            assert_same_bits(a, b, f"{strategy} group {g}")
+
+
+@pytest.mark.parametrize("n_tasks", [128, 129])
+def test_ties_with_128_and_129_tasks_equals_cpu(n_tasks):
+    # 128 threshold jobs fill the descriptor table that travels with the launch; 129 need a
+    # table uploaded from pinned memory, which a CUDA graph cannot capture.
+    tasks = make_tasks(n_tasks, (3001,), torch.bfloat16, "tie_heavy", seed=n_tasks)
+    weights = [(-1) ** i * (0.25 + i / n_tasks) for i in range(n_tasks)]
+    for method in ("total", "frequency"):
+        kw = {"density": 0.3, "majority_sign_method": method}
+        cpu, gpu = both_devices(tasks, weights, "ties", **kw)
+        assert_same_bits(gpu, cpu, f"{n_tasks} tasks, {method}")
+    gpu_tasks = on_cuda(tasks)
+    expected = lorax_merge.merge(gpu_tasks, weights, "ties", density=0.3)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    if n_tasks <= 128:
+        with torch.cuda.graph(graph):
+            captured = lorax_merge.merge(gpu_tasks, weights, "ties", density=0.3)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_same_bits(captured, expected, "128 tasks, replayed")
+    else:
+        with pytest.raises(ValueError, match="CUDA graph"):
+            with torch.cuda.graph(graph):
+                lorax_merge.merge(gpu_tasks, weights, "ties", density=0.3)
+
+
+def test_merge_many_of_tie_heavy_bf16_groups_equals_cpu():
+    # 48 groups of 70,001 elements (each tensor selected by one block) and two of 1,000,003
+    # (spread over one block per tile), all heavily tied, so the tie cut decides many
+    # elements; 150 threshold jobs: the table is uploaded.
+    groups = [make_tasks(3, (70001,), torch.bfloat16, "tie_heavy", seed=g) for g in range(48)]
+    groups += [make_tasks(3, (1000003,), torch.bfloat16, "tie_heavy", seed=g) for g in (98, 99)]
+    gpu_groups = [on_cuda(g) for g in groups]
+    for strategy in ("ties", "magnitude_prune"):
+        kw = {"strategy": strategy, "density": 0.3, "majority_sign_method": "frequency"}
+        cpu = lorax_merge.merge_many(groups, [0.5, -1.0, 1.5], **kw)
+        gpu = lorax_merge.merge_many(gpu_groups, [0.5, -1.0, 1.5], **kw)
+        for g, (a, b) in enumerate(zip(gpu, cpu)):
+            assert_same_bits(a, b, f"{strategy} group {g}")
 
 
 # --------------------------------------------------------------------------- GPU guarantees
 
 
-def test_no_host_synchronisation():
+def _public_entry_points() -> dict[str, Callable[[], object]]:
+    """Every public way into the factor-space kernels, as name -> call, on small CUDA inputs."""
     tasks = make_tasks(3, (257, 33), torch.bfloat16, "normal", seed=17, device="cuda")
     w_gpu = torch.tensor(WEIGHTS3, device="cuda")
-    groups = [tasks, tasks[:2]] * 150  # large enough for the uploaded-table path
-    # Warm up (lazy initialisation is not part of a merge).
-    for strategy in STRATEGIES:
-        lorax_merge.merge(tasks, WEIGHTS3, strategy, density=0.5, seed=1)
-        lorax_merge.merge_many(
-            groups, [[1.0] * len(g) for g in groups], strategy=strategy, density=0.5, seed=1
+    w_cpu = torch.tensor(WEIGHTS3, dtype=torch.float64)
+    out = torch.empty(257, 33, device="cuda")
+    strided_out = torch.empty(33, 257, device="cuda").t()
+    large = [tasks, tasks[:2]] * 150  # descriptor tables too large for the launch
+    stacked = torch.stack(tasks)
+    adapters = [{"m.lora_A.weight": t, "m.lora_B.weight": t.t()} for t in tasks]
+    calls: dict[str, Callable[[], object]] = {}
+    for s in STRATEGIES:
+        kw = {"density": 0.5, "seed": 1}
+        for label, w in (("list", WEIGHTS3), ("gpu", w_gpu), ("cpu", w_cpu)):
+            calls[f"merge {s} {label} weights"] = partial(lorax_merge.merge, tasks, w, s, **kw)
+        calls[f"merge {s} out"] = partial(lorax_merge.merge, tasks, w_gpu, s, out=out, **kw)
+        calls[f"merge {s} strided out"] = partial(
+            lorax_merge.merge, tasks, WEIGHTS3, s, out=strided_out, **kw
         )
+        many = partial(lorax_merge.merge_many, strategy=s, **kw)
+        calls[f"merge_many {s} shared list"] = partial(many, [tasks] * 4, WEIGHTS3)
+        calls[f"merge_many {s} shared gpu"] = partial(
+            many, [tasks] * 4, w_gpu, out_dtype=torch.bfloat16
+        )
+        calls[f"merge_many {s} large"] = partial(many, large, [[1.0] * len(g) for g in large])
+        calls[f"merge_many {s} mixed weights"] = partial(
+            many,
+            [tasks, tasks, tasks, tasks[:2], tasks[:2]],
+            [w_gpu, WEIGHTS3, w_cpu, w_gpu[:2], [0.5, 0.25]],
+        )
+        strategy = strategy_registry[s](density=0.5, majority_sign_method="frequency", seed=3)
+        calls[f"{type(strategy).__name__}.merge"] = partial(strategy.merge, tasks, w_gpu)
+        calls[f"merge_adapters {s}"] = partial(
+            lorax_merge.merge_adapters, adapters, [1.0, 0.5, -0.5], strategy=s, density=0.5, seed=2
+        )
+    calls["prune magnitude"] = partial(utils.prune, tasks[0], 0.3, "magnitude")
+    calls["prune random"] = partial(utils.prune, tasks[0], 0.3, "random", rescale=True, seed=4)
+    for method in ("total", "frequency"):
+        calls[f"majority sign mask {method}"] = partial(
+            utils.calculate_majority_sign_mask, stacked, method
+        )
+    mask = utils.calculate_majority_sign_mask(stacked, "total")
+    calls["disjoint merge"] = partial(utils.disjoint_merge, stacked, mask)
+    server_adapters = [
+        ({"q": {"lora_A": (t, "m.q.lora_A"), "lora_B": (t.t(), "m.q.lora_B")}},
+         {"r": 33, "target_modules": ["q"]})
+        for t in tasks
+    ]  # fmt: skip
+    params = {"weights": WEIGHTS3, "merge_strategy": "dare_ties", "density": 0.5}
+    calls["merge_module_maps"] = partial(merge_module_maps, server_adapters, params, seed=6)
+    return calls
+
+
+def test_no_host_synchronisation_in_any_public_entry_point():
+    calls = _public_entry_points()
+    for call in calls.values():  # warm up: lazy initialisation is not part of a merge
+        call()
     torch.cuda.synchronize()
+    failures = []
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for strategy in STRATEGIES:
-            lorax_merge.merge(tasks, WEIGHTS3, strategy, density=0.5, seed=1)
-            lorax_merge.merge(tasks, w_gpu, strategy, density=0.5, seed=1)
-            lorax_merge.merge_many(
-                groups, [[1.0] * len(g) for g in groups], strategy=strategy, density=0.5, seed=1
-            )
-            lorax_merge.merge_many([tasks] * 4, w_gpu, strategy=strategy, density=0.5, seed=1)
-        utils.calculate_majority_sign_mask(torch.stack(tasks), "total")
-        utils.prune(tasks[0], 0.3, "magnitude")
-        utils.prune(tasks[0], 0.3, "random", seed=4)
+        for name, call in calls.items():
+            try:
+                call()
+            except RuntimeError as exc:
+                failures.append(f"{name}: {exc}")
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -337,14 +488,14 @@ def test_graph_capture_and_replay(strategy):
         captured = lorax_merge.merge(tasks, WEIGHTS3, strategy, **kw)
     graph.replay()
     torch.cuda.synchronize()
-    assert_same(captured, expected, f"{strategy} replay")
+    assert_same_bits(captured, expected, f"{strategy} replay")
     # New inputs in the same buffers: the replay recomputes everything (thresholds too).
     fresh = make_tasks(3, (4099,), torch.bfloat16, "normal", seed=19, device="cuda")
     for t, f in zip(tasks, fresh):
         t.copy_(f)
     graph.replay()
     torch.cuda.synchronize()
-    assert_same(
+    assert_same_bits(
         captured, lorax_merge.merge(fresh, WEIGHTS3, strategy, **kw), f"{strategy} new inputs"
     )
 
@@ -362,11 +513,135 @@ def test_graph_capture_of_a_small_merge_many_and_refusal_of_a_large_one():
     graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(captured, expected):
-        assert_same(a, b, "merge_many replay")
+        assert_same_bits(a, b, "merge_many replay")
     many = groups * 100
     with pytest.raises(ValueError, match="CUDA graph"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             lorax_merge.merge_many(many, [1.0, -2.0], **kw)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_graph_capture_and_replay_of_merge_many_with_device_weights(strategy):
+    groups = [
+        make_tasks(3, (1000 + 7 * g,), torch.bfloat16, "normal", seed=g, device="cuda")
+        for g in range(6)
+    ]
+    shared = torch.tensor(WEIGHTS3, device="cuda")
+    per_group = torch.randn(6, 3, device="cuda", dtype=torch.float64)
+    kw = {"strategy": strategy, "density": 0.4, "majority_sign_method": "frequency", "seed": 5}
+
+    def run():
+        return lorax_merge.merge_many(groups, shared, **kw) + lorax_merge.merge_many(
+            groups, list(per_group), **kw
+        )
+
+    expected = run()  # also the warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    for i, (a, b) in enumerate(zip(captured, expected)):
+        assert_same_bits(a, b, f"{strategy} output {i}")
+    # Weights changed in place: a replay reads them where they are.
+    shared.mul_(-2.0)
+    per_group.add_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    for i, (a, b) in enumerate(zip(captured, run())):
+        assert_same_bits(a, b, f"{strategy} output {i}, new weights")
+
+
+def _blocking_stream() -> tuple[torch.cuda.ExternalStream, Callable[[], None]]:
+    """A CUDA stream created without cudaStreamNonBlocking (PyTorch's own streams are
+    non-blocking), and the call that destroys it."""
+    name = f"libcudart.so.{torch.version.cuda.split('.')[0]}"
+    try:
+        cudart = ctypes.CDLL(name)  # the runtime PyTorch has loaded
+    except OSError:
+        pytest.skip(f"cannot load {name} to create a blocking stream")
+    handle = ctypes.c_void_p()
+    assert cudart.cudaStreamCreateWithFlags(ctypes.byref(handle), 0) == 0
+    return torch.cuda.ExternalStream(handle.value), partial(cudart.cudaStreamDestroy, handle)
+
+
+def test_large_table_on_the_legacy_stream_during_a_capture_is_refused():
+    # While a blocking stream captures (global mode), CUDA answers
+    # cudaErrorStreamCaptureImplicit for the legacy default stream: a merge that needs an
+    # uploaded table refuses with the documented ValueError, and the capture stays valid.
+    tasks = make_tasks(129, (300,), torch.float32, "normal", seed=1, device="cuda")
+    out = torch.empty(300, device="cuda")
+    small = tasks[:3]
+    expected = lorax_merge.merge(small, WEIGHTS3, "ties", density=0.5)
+    lorax_merge.merge(tasks, [1.0] * 129, "ties", density=0.5, out=out)  # warm up
+    torch.cuda.synchronize()
+    capture_stream, destroy = _blocking_stream()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=capture_stream):
+            captured = lorax_merge.merge(small, WEIGHTS3, "ties", density=0.5)
+            with torch.cuda.stream(torch.cuda.default_stream()):
+                with pytest.raises(ValueError, match="CUDA graph"):
+                    lorax_merge.merge(tasks, [1.0] * 129, "ties", density=0.5, out=out)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_same_bits(captured, expected, "the capture beside the refused call")
+    finally:
+        torch.cuda.synchronize()
+        destroy()
+
+
+def test_large_table_in_another_thread_leaves_a_capture_valid():
+    # A merge whose table is uploaded through newly allocated pinned memory, in one thread,
+    # while another thread captures a graph in the global mode (PyTorch's default): the
+    # merge allocates in the thread-local capture mode, so the capture stays valid. (The
+    # merge writes into `out` and needs no selection, so it allocates nothing else.)
+    tasks = make_tasks(170, (777,), torch.float32, "normal", seed=3, device="cuda")
+    weights = [(-1) ** i / (i + 1) for i in range(170)]
+    out = torch.empty(777, device="cuda")
+    expected = lorax_merge.merge(tasks, weights, "linear")
+    small = tasks[:3]
+    expected_small = lorax_merge.merge(small, WEIGHTS3, "ties", density=0.5)
+    empty_pinned_cache = getattr(torch._C, "_host_emptyCache", None)
+    pinned_stats = getattr(torch._C, "_cuda_hostMemoryStats", None)
+    if empty_pinned_cache is None or pinned_stats is None:
+        pytest.skip("this torch cannot empty or count its pinned-memory cache")
+    stream = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    empty_pinned_cache()  # the table needs a new pinned block
+    host_allocs = pinned_stats()["num_host_alloc"]
+    started, finished = threading.Event(), threading.Event()
+    captured: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    def capture() -> None:
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured.append(lorax_merge.merge(small, WEIGHTS3, "ties", density=0.5))
+                started.set()
+                finished.wait(timeout=60)
+            graph.replay()
+            torch.cuda.synchronize()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+            started.set()
+
+    thread = threading.Thread(target=capture)
+    thread.start()
+    assert started.wait(timeout=60)
+    try:
+        with torch.cuda.stream(stream):
+            lorax_merge.merge(tasks, weights, "linear", out=out)
+    finally:
+        finished.set()
+        thread.join(timeout=60)
+    torch.cuda.synchronize()
+    assert not errors, errors
+    assert pinned_stats()["num_host_alloc"] > host_allocs, "no pinned block was allocated"
+    assert_same_bits(captured[0], expected_small, "captured while another thread merged")
+    assert_same_bits(out, expected, "merged while another thread captured")
 
 
 def test_runs_on_the_current_stream():
@@ -385,7 +660,7 @@ def test_runs_on_the_current_stream():
         ]
     stream.synchronize()
     for s, a, b in zip(STRATEGIES, got, expected):
-        assert_same(a, b, f"{s} on a side stream")
+        assert_same_bits(a, b, f"{s} on a side stream")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -396,7 +671,7 @@ def test_second_device():
         kw = merge_kwargs(strategy, 0.5, seed=6)
         got = lorax_merge.merge([t.to("cuda:1") for t in tasks], WEIGHTS3, strategy, **kw)
         assert got.device == torch.device("cuda:1")
-        assert_same(got, lorax_merge.merge(tasks, WEIGHTS3, strategy, **kw), strategy)
+        assert_same_bits(got, lorax_merge.merge(tasks, WEIGHTS3, strategy, **kw), strategy)
         many = lorax_merge.merge_many(
             [[t.to("cuda:1") for t in tasks]],
             torch.tensor(WEIGHTS3, device="cuda:1"),

@@ -30,6 +30,16 @@ def _tasks(n=3, shape=(4, 5), dtype=torch.float32):
 # --------------------------------------------------------------------------- task tensors
 
 
+@pytest.mark.parametrize("not_a_tensor", [3, None, [1.0, 2.0]], ids=repr)
+def test_tasks_that_are_not_tensors(not_a_tensor):
+    with raises_naming("task_tensors[1]", "torch.Tensor"):
+        lorax_merge.merge([torch.zeros(2), not_a_tensor], [1.0, 1.0])
+    with raises_naming("groups[0][1]", "torch.Tensor"):
+        lorax_merge.merge_many([[torch.zeros(2), not_a_tensor]], [1.0, 1.0])
+    with raises_naming("task_tensors"):
+        lorax_merge.merge(torch.zeros(2, 3), [1.0, 1.0])
+
+
 def test_empty_task_list():
     with raises_naming("task_tensors"):
         lorax_merge.merge([], [], "linear")
@@ -40,20 +50,29 @@ def test_empty_task_list():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_shapes_differ(strategy):
     tasks = [torch.zeros(3, 4), torch.zeros(4, 3)]
-    with raises_naming("task_tensors", "4, 3"):
+    # checked by the op, which calls the tasks "tasks"
+    with raises_naming("tasks[1]", "4, 3"):
         lorax_merge.merge(tasks, [1.0, 1.0], strategy, density=0.5, seed=0)
+    with raises_naming("groups[1][1]", "4, 3"):
+        lorax_merge.merge_many([tasks[:1], tasks], [[1.0], [1.0, 1.0]], strategy=strategy)
 
 
 def test_same_numel_different_rank_is_rejected():
-    with raises_naming("task_tensors", "12"):
+    with raises_naming("tasks[1]", "12"):
         lorax_merge.merge([torch.zeros(3, 4), torch.zeros(12)], [1.0, 1.0])
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_dtypes_differ(strategy):
+def test_the_ops_refuse_tasks_of_different_dtypes():
+    # merge and merge_many convert narrower tasks to the common dtype first (see
+    # test_strategies.py); the ops themselves read one dtype and say which task differs
     tasks = [torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.bfloat16)]
-    with raises_naming("task_tensors", "bfloat16"):
-        lorax_merge.merge(tasks, [1.0, 1.0], strategy, density=0.5, seed=0)
+    weights = torch.ones(2)
+    with raises_naming("tasks[1]", "BFloat16"):
+        torch.ops.lorax_merge.merge(tasks, weights, "none", "none", 1.0, False, 0, torch.float32)
+    with raises_naming("groups[0][1]", "BFloat16"):
+        torch.ops.lorax_merge.merge_many(
+            tasks, [2], weights.double(), "none", "none", 1.0, False, [0], torch.float32
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool], ids=str)
@@ -61,8 +80,10 @@ def test_dtypes_differ(strategy):
 def test_integer_and_bool_tasks(strategy, dtype):
     tasks = [torch.zeros(3, 4, dtype=dtype), torch.zeros(3, 4, dtype=dtype)]
     name = str(dtype).replace("torch.", "")
-    with raises_naming("task_tensors", name):
+    with raises_naming("task_tensors[0]", name):
         lorax_merge.merge(tasks, [1.0, 1.0], strategy, density=0.5, seed=0)
+    with raises_naming("groups[1][0]", name):
+        lorax_merge.merge_many([[torch.zeros(2)], tasks[:1]], [1.0], strategy=strategy, seed=0)
 
 
 def test_complex_tasks():
@@ -74,7 +95,7 @@ def test_complex_tasks():
 @needs_cuda
 def test_tasks_on_different_devices():
     tasks = [torch.zeros(3, 4), torch.zeros(3, 4, device="cuda")]
-    with raises_naming("task_tensors", "cuda"):
+    with raises_naming("tasks[1]", "cuda"):
         lorax_merge.merge(tasks, [1.0, 1.0])
 
 

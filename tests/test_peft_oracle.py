@@ -15,7 +15,6 @@ rounding bound of the oracle's dtype; pruning, masks and elections are equal.
 from __future__ import annotations
 
 import importlib.util
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from helpers import (
     ELECTING_STRATEGIES,
     RANDOM_STRATEGIES,
     STRATEGIES,
+    bernoulli_returns,
     dare_masks,
     random_mask,
     tie_free,
@@ -64,25 +64,6 @@ PEFT_MERGES = {
     "dare_ties": lambda t, w, d, m: peft_mu.dare_ties(t, w, d, m),
 }
 SEED = 2024
-
-
-@contextmanager
-def bernoulli_returns(masks):
-    """Make ``torch.bernoulli`` return ``masks`` one after the other (as 0/1 of the input dtype)."""
-    pending = list(masks)
-    original = torch.bernoulli
-
-    def fake(p, *args, **kwargs):
-        mask = pending.pop(0)
-        assert mask.shape == p.shape
-        return mask.to(device=p.device, dtype=p.dtype)
-
-    torch.bernoulli = fake
-    try:
-        yield
-    finally:
-        torch.bernoulli = original
-    assert not pending, "the oracle drew fewer masks than expected"
 
 
 def _oracle_tolerance(ref: ReferenceMerge) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""The primitives of ``lorax_merge.utils`` against the reference semantics."""
+"""The primitives of ``lorax_merge.utils`` against the reference semantics.
+
+Chosen cases first, then arbitrary small ones drawn by hypothesis (the number of examples comes
+from the hypothesis profile, see conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,21 @@ import torch
 from conftest import CUDA_AVAILABLE
 from helpers import (
     ALL_DTYPES,
+    DENSITY,
+    SEED,
+    SHAPE,
     assert_unmodified,
     normal,
     random_mask,
     snapshot,
     strided_slice,
+    task_data,
     tie_free,
     tie_heavy,
     transposed,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 from reference import (
     assert_matches,
     disjoint_result_dtype,
@@ -344,3 +354,54 @@ def test_tie_free_reference_data_is_tie_free():
     for dtype in ALL_DTYPES:
         x = tie_free((1000,), dtype, seed=1)
         assert torch.unique(x.abs().to(torch.float64)).numel() == 1000
+
+
+# --------------------------------------------------------------------------- arbitrary inputs
+
+
+@given(st.sampled_from(ALL_DTYPES), SHAPE, DENSITY, st.data())
+def test_any_prune_magnitude_matches_reference(dtype, shape, density, data):
+    (x,) = data.draw(task_data(1, shape, dtype))
+    got = utils.prune(x, density, "magnitude")
+    assert_matches(got, reference_prune_magnitude(x, density), what="prune magnitude")
+    finite_nonzero = torch.isfinite(x) & (x != 0)
+    k = magnitude_keep_count(x.numel(), density)
+    # at most k entries survive, and the survivors are the entries of x
+    survivors = (got != 0) & finite_nonzero
+    assert int(survivors.sum()) <= k
+    assert torch.equal(got[survivors], x[survivors])
+
+
+@given(
+    st.sampled_from(ALL_DTYPES),
+    SHAPE,
+    DENSITY,
+    st.booleans(),
+    SEED,
+    st.integers(0, 2**31 - 1),
+    st.data(),
+)
+def test_any_prune_random_matches_reference(
+    dtype, shape, density, rescale_kept, seed, stream, data
+):
+    (x,) = data.draw(task_data(1, shape, dtype))
+    mask = random_mask(shape, density, seed, stream)
+    got = utils.prune(x, density, "random", rescale=rescale_kept, seed=seed, stream=stream)
+    expected = reference_prune_random(x, density, rescale_kept, mask)
+    assert_matches(got, expected, what="prune random")
+
+
+@given(
+    st.sampled_from(ALL_DTYPES),
+    st.integers(1, 7),
+    SHAPE,
+    st.sampled_from(["total", "frequency"]),
+    st.data(),
+)
+def test_any_sign_mask_and_disjoint_merge_match_reference(dtype, n, shape, method, data):
+    stacked = torch.stack(data.draw(task_data(n, shape, dtype)))
+    mask = utils.calculate_majority_sign_mask(stacked, method)
+    assert torch.equal(mask, reference_sign_mask(stacked, method))
+    got = utils.disjoint_merge(stacked, mask)
+    tol = torch.nan_to_num(_disjoint_tolerance(stacked, mask), nan=0.0, posinf=0.0)
+    assert_matches(got, reference_disjoint_merge(stacked, mask), tol, what="disjoint_merge")

@@ -24,7 +24,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ALL_DTYPES, STRATEGIES, dare_masks, make_tasks, merge_kwargs
+from helpers import (
+    ALL_DTYPES,
+    CANONICAL_NAN_BITS,
+    STRATEGIES,
+    assert_same_bits,
+    dare_masks,
+    make_tasks,
+    merge_kwargs,
+    unsigned_bits,
+)
 from reference import assert_merge_matches, reference_merge_detailed
 
 import lorax_merge
@@ -139,18 +148,21 @@ def test_results_are_bit_identical_across_thread_counts(digests_by_threads, thre
 
 def test_set_num_threads_in_process_gives_the_same_bits():
     tasks = make_tasks(3, (700, 1000), torch.bfloat16, kind="tie_heavy", seed=4)
+    tasks[0][::97] = float("nan")
+    tasks[1][3::89] = float("-inf")  # -inf * 0 where dropped: x86's default NaN is negative
     previous = torch.get_num_threads()
     results = {}
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             results[threads] = [
-                _bits(lorax_merge.merge(tasks, [1.0, -0.5, 0.25], s, **merge_kwargs(s, 0.3)))
+                lorax_merge.merge(tasks, [1.0, -0.5, 0.25], s, **merge_kwargs(s, 0.3))
                 for s in STRATEGIES
             ]
     finally:
         torch.set_num_threads(previous)
-    assert results[1] == results[2]
+    for s, one, two in zip(STRATEGIES, results[1], results[2]):
+        assert_same_bits(two, one, f"{s}: 2 threads vs 1")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -167,9 +179,54 @@ def test_merge_many_equals_merge_bit_for_bit(strategy):
     for seeds in (11, [7, 8, 9, 10, 11]):
         outs = lorax_merge.merge_many(groups, weights, strategy=strategy, seed=seeds, **kw)
         for g, (tasks, w, out) in enumerate(zip(groups, weights, outs)):
-            seed = seeds[g] if isinstance(seeds, list) else lorax_merge.derive_seed(seeds, g)
+            seed = seeds[g] if isinstance(seeds, list) else lorax_merge.derive_group_seed(seeds, g)
             single = lorax_merge.merge(tasks, w, strategy, seed=seed, **kw)
-            assert _bits(out) == _bits(single), f"group {g}, seeds {seeds}"
+            assert_same_bits(out, single, f"group {g}, seeds {seeds}")
+
+
+def _nan_tasks(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Tasks whose merge is NaN in many places: NaNs of both signs and with payloads, +-Inf
+    (dropped +-Inf is Inf * 0), both zeros and finite values."""
+    int_type = {8: torch.int64, 4: torch.int32, 2: torch.int16}[dtype.itemsize]
+    width = 8 * dtype.itemsize
+    exponent_bits = {torch.float32: 8, torch.float64: 11, torch.float16: 5, torch.bfloat16: 8}[
+        dtype
+    ]
+    sign = 1 << (width - 1)
+    exponent = ((1 << exponent_bits) - 1) << (width - 1 - exponent_bits)
+    quiet = 1 << (width - 2 - exponent_bits)
+    patterns = [exponent | quiet, exponent | quiet | 1, exponent | 1]  # quiet, payload, signalling
+    patterns += [p | sign for p in patterns]
+    nans = torch.tensor([p - (1 << width) if p & sign else p for p in patterns], dtype=int_type)
+    nans = nans.view(dtype)
+    values = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0, 1.0, -2.0, 0.5], dtype=dtype)
+    pool = torch.cat([nans, values])
+    g = torch.Generator().manual_seed(3)
+    return [pool[torch.randint(pool.numel(), (5000,), generator=g)] for _ in range(3)]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_nan_results_are_one_canonical_nan_per_dtype(device, dtype):
+    tasks = [t.to(device) for t in _nan_tasks(dtype)]
+    results = {}
+    for s in STRATEGIES:
+        for out_dtype in (None, *ALL_DTYPES):
+            out = lorax_merge.merge(tasks, [0.5, -1.0, 0.0], s, out_dtype=out_dtype,
+                                    **merge_kwargs(s, 0.5))  # fmt: skip
+            results[f"merge {s} -> {out.dtype}"] = out
+    for s in STRATEGIES:
+        outs = lorax_merge.merge_many([tasks, tasks[:2]], [[1.0, 2.0, -1.0], [1.0, -1.0]],
+                                      strategy=s, density=0.5, seed=3)  # fmt: skip
+        results.update({f"merge_many {s} group {g}": o for g, o in enumerate(outs)})
+    results["prune magnitude"] = utils.prune(tasks[0], 0.5, "magnitude")
+    results["prune random"] = utils.prune(tasks[0], 0.5, "random", rescale=True, seed=1)
+    stacked = torch.stack(tasks)
+    mask = utils.calculate_majority_sign_mask(stacked, "frequency")
+    results["disjoint merge"] = utils.disjoint_merge(stacked, mask)
+    for what, out in results.items():
+        nans = out[torch.isnan(out)]
+        assert nans.numel() > 0, f"{what}: the inputs give no NaN"
+        assert set(unsigned_bits(nans)) == {CANONICAL_NAN_BITS[out.dtype]}, what
 
 
 # ------------------------------------------------------------------------------- concurrency
@@ -537,6 +594,6 @@ def test_256_tasks_match_the_reference(strategy):
     many = lorax_merge.merge_many([tasks, tasks[:200]], [weights, weights[:200]],
                                   strategy=strategy, density=0.3, majority_sign_method="frequency",
                                   seed=[123, 123])  # fmt: skip
-    assert _bits(many[0]) == _bits(got)
+    assert_same_bits(many[0], got, f"{strategy}: merge_many vs merge, 256 tasks")
     single = lorax_merge.merge(tasks[:200], weights[:200], strategy, **kw)
-    assert _bits(many[1]) == _bits(single)
+    assert_same_bits(many[1], single, f"{strategy}: merge_many vs merge, 200 tasks")

@@ -106,8 +106,9 @@ LM_HOST_DEVICE void add_elected(acc_t& score, acc_t& pos_sum, acc_t& pos_count, 
 template <typename acc_t>
 LM_HOST_DEVICE acc_t elected_result(acc_t score, acc_t pos_sum, acc_t pos_count, acc_t neg_sum,
                                     acc_t neg_count) {
-  return majority_is_positive(score) ? masked_mean(pos_sum, pos_count)
-                                     : masked_mean(neg_sum, neg_count);
+  // One division: pick the majority's sum and count first.
+  const bool positive = majority_is_positive(score);
+  return masked_mean(positive ? pos_sum : neg_sum, positive ? pos_count : neg_count);
 }
 
 // Accumulates the merge of one element over the tasks: add(v_i, w_i) for each task in

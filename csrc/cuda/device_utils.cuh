@@ -1,5 +1,5 @@
-// Small device helpers shared by the kernels: type mapping, vector loads and stores,
-// segment lookup in block tables.
+// Small helpers shared by the kernels: dispatch on a dtype or sign election, vector loads
+// and stores, segment lookup in block tables.
 #pragma once
 
 #include <cstdint>
@@ -10,27 +10,52 @@
 
 #include "launch.h"
 
+// Runs the callable __VA_ARGS__ (a lambda without parameters) with TYPE naming the C++ type of
+// the Dtype value DTYPE, as AT_DISPATCH_* does for at::ScalarType. Usable in host and device
+// code; every Dtype is handled.
+#define LM_DISPATCH_DTYPE(DTYPE, TYPE, ...)         \
+  [&] {                                             \
+    switch (DTYPE) {                                \
+      case ::lorax_merge::cuda::Dtype::kFloat: {    \
+        using TYPE = float;                         \
+        return __VA_ARGS__();                       \
+      }                                             \
+      case ::lorax_merge::cuda::Dtype::kHalf: {     \
+        using TYPE = ::c10::Half;                   \
+        return __VA_ARGS__();                       \
+      }                                             \
+      case ::lorax_merge::cuda::Dtype::kBFloat16: { \
+        using TYPE = ::c10::BFloat16;               \
+        return __VA_ARGS__();                       \
+      }                                             \
+      case ::lorax_merge::cuda::Dtype::kDouble: {   \
+        using TYPE = double;                        \
+        return __VA_ARGS__();                       \
+      }                                             \
+    }                                               \
+  }()
+
+// Runs __VA_ARGS__ with NAME a constexpr SignElection equal to ELECTION.
+#define LM_DISPATCH_ELECTION(ELECTION, NAME, ...)                                             \
+  [&] {                                                                                       \
+    switch (ELECTION) {                                                                       \
+      case ::lorax_merge::SignElection::kNone: {                                              \
+        constexpr ::lorax_merge::SignElection NAME = ::lorax_merge::SignElection::kNone;      \
+        return __VA_ARGS__();                                                                 \
+      }                                                                                       \
+      case ::lorax_merge::SignElection::kTotal: {                                             \
+        constexpr ::lorax_merge::SignElection NAME = ::lorax_merge::SignElection::kTotal;     \
+        return __VA_ARGS__();                                                                 \
+      }                                                                                       \
+      case ::lorax_merge::SignElection::kFrequency: {                                         \
+        constexpr ::lorax_merge::SignElection NAME = ::lorax_merge::SignElection::kFrequency; \
+        return __VA_ARGS__();                                                                 \
+      }                                                                                       \
+    }                                                                                         \
+  }()
+
 namespace lorax_merge {
 namespace cuda {
-
-template <Dtype D>
-struct ScalarOf;
-template <>
-struct ScalarOf<Dtype::kFloat> {
-  using type = float;
-};
-template <>
-struct ScalarOf<Dtype::kHalf> {
-  using type = c10::Half;
-};
-template <>
-struct ScalarOf<Dtype::kBFloat16> {
-  using type = c10::BFloat16;
-};
-template <>
-struct ScalarOf<Dtype::kDouble> {
-  using type = double;
-};
 
 // Loads N consecutive values from p, which is aligned to min(16, N * sizeof(T)) bytes,
 // with the widest accesses that alignment allows (16 bytes at most). Stores likewise

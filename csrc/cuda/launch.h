@@ -3,8 +3,8 @@
 // must agree on, and the launchers.
 //
 // A batch of merges of one task dtype is described by tables:
-//   - select jobs, one per task tensor pruned by magnitude: data pointer, size, k and the
-//     first select tile (block) of the job;
+//   - threshold jobs, one per task tensor pruned by magnitude: data pointer, size, k, the
+//     job's first block and its scratch slot;
 //   - merge groups, one per output tensor: output pointer, size, seed, first block and the
 //     group's slice of the task table;
 //   - merge tasks: data pointer and weight.
@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include <cuda_runtime_api.h>
 
@@ -38,14 +39,20 @@ inline int dtype_size(Dtype d) {
   }
 }
 
-// Bytes of a table that may travel inside the kernel parameters. CUDA 12.1 raised the
-// parameter space of a launch from 4 KB to 32 KB; older toolkits get a table that leaves
-// room for the other parameters within 4 KB.
+// Bytes of parameters one kernel launch may carry: 32,764 since CUDA 12.1 (toolkit and
+// driver), 4,096 before. Each kernel's parameter struct is checked against it with a
+// static_assert next to the kernel.
 #if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
-constexpr int kInlineTableBytes = 4096;
+constexpr size_t kMaxKernelParamBytes = 32764;
 #else
-constexpr int kInlineTableBytes = 3840;
+constexpr size_t kMaxKernelParamBytes = 4096;
 #endif
+
+// Bytes of a descriptor table that travel inside the kernel parameters: 128 threshold jobs
+// (a merge of up to 128 tensors), or a merge_many batch of about 32 groups of 3 tensors.
+// Larger tables are uploaded from pinned memory and cannot be captured in a CUDA graph.
+// Older toolkits get a table that leaves room for the other parameters within 4 KB.
+constexpr int kInlineTableBytes = kMaxKernelParamBytes >= 8192 ? 4096 : 3840;
 
 // ---------------------------------------------------------------------------------------
 // Magnitude threshold selection (radix select over magnitude keys).
@@ -54,15 +61,23 @@ constexpr int kSelectThreads = 512;
 constexpr int64_t kSelectTile = 32768;  // elements per block and pass
 constexpr int kSelectMaxPasses = 6;
 constexpr int kSelectMaxBins = 4096;  // widest digit: 12 bits
+// A job whose tiles times digit passes stay within this is selected by one block, every
+// pass in shared memory, during the first launch: it needs no scratch in global memory
+// (16-bit tensors up to 12 tiles, float32 up to 8, float64 up to 4). Larger jobs spread
+// each pass over one block per tile and combine the tiles' histograms in global memory.
+constexpr int64_t kSelectOneBlockTilePasses = 24;
 
-struct SelectJob {
+// One tensor's threshold selection in a batch (kept at 32 bytes: 128 fit inline).
+struct ThresholdJob {
   const void* data;
   int64_t numel;
-  int64_t k;           // keep count, int(density * numel)
-  int64_t tile_begin;  // first global tile of this job
+  int64_t k;            // keep count, int(density * numel)
+  int32_t block_begin;  // first block of this job in every pass's launch
+  int32_t slot;         // its histogram and state in the scratch; -1: selected in one block
 };
+static_assert(sizeof(ThresholdJob) == 32, "128 threshold jobs fill an inline table");
 
-// Per-job progress between passes; zeroed before the first pass.
+// Per-job progress between passes (jobs selected across blocks); zeroed before the first pass.
 struct SelectState {
   uint64_t prefix;  // key bits chosen so far
   int64_t rank;     // 1-based rank of the wanted key among keys with that prefix
@@ -75,9 +90,10 @@ struct DigitPass {
   int32_t bits;
 };
 
-// Digit widths from the top: a wide first digit spreads the histogram's atomics over many
-// bins (the top bits hold the exponent, where values cluster); the last digit is narrow
-// because every block keeps its last-digit histogram for the tie cut.
+// Digit widths from the top: wide digits keep the passes (reads of the data) few; the first
+// digit spreads the histogram over many bins (the top bits hold the exponent, where values
+// cluster); the last digit is narrow because every block of a job spread over several
+// blocks keeps its last-digit histogram for the tie cut.
 struct SelectPlan {
   int32_t num_passes;
   int32_t hist_bins;  // widest digit's bins: the per-job histogram stride
@@ -117,21 +133,56 @@ inline int key_bits_of(Dtype d) {
   return d == Dtype::kDouble ? 63 : (d == Dtype::kFloat ? 31 : 15);
 }
 
-LM_HOST_DEVICE int64_t select_tiles(int64_t numel) { return numel == 0 ? 1 : (numel + kSelectTile - 1) / kSelectTile; }
+LM_HOST_DEVICE int64_t select_tiles(int64_t numel) {
+  return numel == 0 ? 1 : (numel + kSelectTile - 1) / kSelectTile;
+}
+
+// Builds the job table of one selection launch: blocks and scratch slots are handed out in
+// job order.
+class ThresholdJobTable {
+ public:
+  explicit ThresholdJobTable(Dtype dtype)
+      : passes_(make_select_plan(key_bits_of(dtype)).num_passes) {}
+
+  // Appends the job of one tensor; k = magnitude_keep_count(density, numel).
+  void add(const void* data, int64_t numel, int64_t k) {
+    // Keeping nothing or everything needs no pass; such jobs get one block, which writes
+    // the threshold in the first launch.
+    const bool trivial = k <= 0 || k >= numel;
+    const int64_t tiles = select_tiles(numel);
+    const bool one_block = trivial || tiles * passes_ <= kSelectOneBlockTilePasses;
+    jobs_.push_back(
+        ThresholdJob{data, numel, k, static_cast<int32_t>(blocks_), one_block ? -1 : split_jobs_});
+    blocks_ += one_block ? 1 : tiles;
+    split_jobs_ += one_block ? 0 : 1;
+  }
+  const std::vector<ThresholdJob>& jobs() const { return jobs_; }
+  int64_t blocks() const { return blocks_; }
+  int32_t split_jobs() const { return split_jobs_; }  // jobs spread over several blocks
+
+ private:
+  int passes_;
+  std::vector<ThresholdJob> jobs_;
+  int64_t blocks_ = 0;
+  int32_t split_jobs_ = 0;
+};
 
 struct SelectLaunch {
   Dtype dtype = Dtype::kFloat;
   int32_t num_jobs = 0;
-  int64_t num_tiles = 0;                 // sum of select_tiles(numel) over the jobs
-  const SelectJob* jobs_device = nullptr;  // nullptr: the jobs are in jobs_inline
+  int32_t num_split_jobs = 0;                 // jobs with a scratch slot
+  int64_t num_blocks = 0;                     // blocks of each launch
+  const ThresholdJob* jobs_device = nullptr;  // nullptr: the jobs are in jobs_inline
   alignas(16) unsigned char jobs_inline[kInlineTableBytes];
-  void* workspace = nullptr;             // select_workspace_bytes(...) bytes on the device
+  void* workspace = nullptr;                 // select_workspace_bytes(...) bytes on the device
   MagnitudeThreshold* thresholds = nullptr;  // num_jobs entries on the device (output)
 };
 
-size_t select_workspace_bytes(Dtype dtype, int64_t num_jobs, int64_t num_tiles);
+// Scratch of the jobs spread over several blocks: nothing when every job fits in one block.
+size_t select_workspace_bytes(Dtype dtype, int64_t num_split_jobs, int64_t num_blocks);
 
-// Zeroes the workspace and runs one launch per digit pass; leaves thresholds on the device.
+// Zeroes what the workspace needs zeroed and runs one launch per digit pass (one launch
+// when every job fits in one block); leaves the thresholds on the device.
 void launch_select(const SelectLaunch& launch, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------
@@ -140,7 +191,9 @@ void launch_select(const SelectLaunch& launch, cudaStream_t stream);
 constexpr int kMergeThreads = 256;
 
 // Elements per thread: 8, or 4 when accumulating in double (register budget).
-inline int merge_elems_per_thread(bool wide_acc) { return wide_acc ? 4 : 8; }
+inline int merge_elems_per_thread(bool wide_acc) {
+  return wide_acc ? 4 : 8;
+}
 inline int64_t merge_block_elems(bool wide_acc) {
   return static_cast<int64_t>(kMergeThreads) * merge_elems_per_thread(wide_acc);
 }
@@ -178,7 +231,7 @@ struct MergeLaunch {
   Pruning pruning = Pruning::kNone;  // kNone when nothing is pruned
   int32_t rescale = 0;
   double density = 1.0;
-  uint64_t keep_bound = 0;  // random pruning: keep iff word < keep_bound
+  uint64_t keep_bound = 0;                         // random pruning: keep iff word < keep_bound
   const MagnitudeThreshold* thresholds = nullptr;  // per task, magnitude pruning
   int32_t num_groups = 0;
   int64_t num_blocks = 0;

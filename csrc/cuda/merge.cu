@@ -9,6 +9,9 @@
 // loaded before the first is used, so a thread keeps several loads in flight.
 #include <c10/cuda/CUDAException.h>
 
+#include <type_traits>
+
+#include "../common/canonical_nan.h"
 #include "../common/counter_rng.h"
 #include "device_utils.cuh"
 
@@ -28,6 +31,7 @@ struct MergeParams {
   int32_t rescale;
   alignas(16) unsigned char table_inline[kInlineTableBytes];
 };
+static_assert(sizeof(MergeParams) <= kMaxKernelParamBytes, "the merge parameters fit in a launch");
 
 template <typename scalar_t, typename acc_t>
 struct MergeShape {
@@ -60,12 +64,13 @@ struct ThreadThreshold {
   }
 };
 
+// Writes one thread's results in the output dtype (one canonical NaN per dtype, as the CPU).
 template <typename out_t, typename acc_t, int N>
 __device__ __forceinline__ void store_result(void* out, int64_t j0, int64_t limit, bool vector,
                                              const acc_t (&r)[N]) {
   out_t v[N];
 #pragma unroll
-  for (int i = 0; i < N; ++i) v[i] = static_cast<out_t>(r[i]);
+  for (int i = 0; i < N; ++i) v[i] = output_value<out_t>(r[i]);
   store_chunk<out_t, N>(static_cast<out_t*>(out), j0, limit, vector, v);
 }
 
@@ -84,8 +89,11 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
   const int g = find_segment(groups, p.num_groups, block,
                              [](const MergeGroup& group) { return group.block_begin; });
   const MergeGroup group = groups[g];
-  const int64_t j0 =
-      (block - group.block_begin) * (kMergeThreads * kElems) + static_cast<int64_t>(threadIdx.x) * kElems;
+  // j0: this thread's first element in the group's tensors; also its flat index, which the
+  // random words and the magnitude tie cut are keyed by (even, as the random words come in
+  // pairs).
+  const int64_t j0 = (block - group.block_begin) * (kMergeThreads * kElems) +
+                     static_cast<int64_t>(threadIdx.x) * kElems;
   if (j0 >= group.numel) return;
   const int64_t first_index = group.index_offset + j0;  // in the sliced tensors
   const bool full = j0 + kElems <= group.numel;
@@ -106,7 +114,8 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
         const MergeTask task = tasks[group.first_task + t0 + u];
         load_chunk<scalar_t, kElems>(static_cast<const scalar_t*>(task.data), j0, group.numel,
                                      vector_loads, raw[u]);
-        weight[u] = static_cast<acc_t>(task.weight_device != nullptr ? *task.weight_device : task.weight);
+        weight[u] =
+            static_cast<acc_t>(task.weight_device != nullptr ? *task.weight_device : task.weight);
       }
     }
 #pragma unroll
@@ -124,12 +133,15 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
 #pragma unroll
         for (int i = 0; i < kElems; ++i) {
           const bool kept = threshold.keeps(magnitude_key(raw[u][i]), i);
-          acc[i].add(pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][i]), kept, false, density), w);
+          acc[i].add(
+              pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][i]), kept, false, density),
+              w);
         }
       } else {
         // One 64-bit draw gives the words of two consecutive elements. j0 is even; a slice
         // at an odd offset (the same for the whole group) starts on a pair's high word.
-        const uint64_t key = dare_stream_key(group.seed, static_cast<uint64_t>(group.first_stream + t));
+        const uint64_t key =
+            dare_stream_key(group.seed, static_cast<uint64_t>(group.first_stream + t));
         const uint32_t bound = static_cast<uint32_t>(p.keep_bound);
         const uint64_t first_pair = static_cast<uint64_t>(first_index >> 1);
         uint32_t words[kElems];
@@ -152,7 +164,8 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
         }
 #pragma unroll
         for (int i = 0; i < kElems; ++i) {
-          acc[i].add(pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][i]), words[i] < bound, rescale, density),
+          acc[i].add(pruned_value<scalar_t, acc_t>(static_cast<acc_t>(raw[u][i]), words[i] < bound,
+                                                   rescale, density),
                      w);
         }
       }
@@ -162,46 +175,18 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
   acc_t result[kElems];
 #pragma unroll
   for (int i = 0; i < kElems; ++i) result[i] = acc[i].result();
-  switch (static_cast<Dtype>(group.out_dtype)) {
-    case Dtype::kFloat:
-      store_result<float>(group.out, j0, group.numel, vector_stores, result);
-      break;
-    case Dtype::kHalf:
-      store_result<c10::Half>(group.out, j0, group.numel, vector_stores, result);
-      break;
-    case Dtype::kBFloat16:
-      store_result<c10::BFloat16>(group.out, j0, group.numel, vector_stores, result);
-      break;
-    case Dtype::kDouble:
-      store_result<double>(group.out, j0, group.numel, vector_stores, result);
-      break;
-  }
+  LM_DISPATCH_DTYPE(static_cast<Dtype>(group.out_dtype), out_t, [&] {
+    store_result<out_t>(group.out, j0, group.numel, vector_stores, result);
+  });
 }
 
 template <typename scalar_t, typename acc_t>
 void launch_typed(const MergeLaunch& launch, const MergeParams& params, cudaStream_t stream) {
   const unsigned int blocks = static_cast<unsigned int>(launch.num_blocks);
-  switch (launch.election) {
-    case SignElection::kTotal:
-      fused_merge_kernel<scalar_t, acc_t, SignElection::kTotal><<<blocks, kMergeThreads, 0, stream>>>(params);
-      break;
-    case SignElection::kFrequency:
-      fused_merge_kernel<scalar_t, acc_t, SignElection::kFrequency><<<blocks, kMergeThreads, 0, stream>>>(params);
-      break;
-    default:
-      fused_merge_kernel<scalar_t, acc_t, SignElection::kNone><<<blocks, kMergeThreads, 0, stream>>>(params);
-      break;
-  }
+  LM_DISPATCH_ELECTION(launch.election, E, [&] {
+    fused_merge_kernel<scalar_t, acc_t, E><<<blocks, kMergeThreads, 0, stream>>>(params);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename scalar_t>
-void launch_acc(const MergeLaunch& launch, const MergeParams& params, cudaStream_t stream) {
-  if (launch.wide_acc) {
-    launch_typed<scalar_t, double>(launch, params, stream);
-  } else {
-    launch_typed<scalar_t, float>(launch, params, stream);
-  }
 }
 
 }  // namespace
@@ -219,20 +204,15 @@ void launch_merge(const MergeLaunch& launch, cudaStream_t stream) {
   params.pruning = static_cast<int32_t>(launch.pruning);
   params.rescale = launch.rescale;
   memcpy(params.table_inline, launch.table_inline, sizeof(params.table_inline));
-  switch (launch.task_dtype) {
-    case Dtype::kFloat:
-      launch_acc<float>(launch, params, stream);
-      break;
-    case Dtype::kHalf:
-      launch_acc<c10::Half>(launch, params, stream);
-      break;
-    case Dtype::kBFloat16:
-      launch_acc<c10::BFloat16>(launch, params, stream);
-      break;
-    case Dtype::kDouble:
-      launch_typed<double, double>(launch, params, stream);
-      break;
-  }
+  LM_DISPATCH_DTYPE(launch.task_dtype, scalar_t, [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      launch_typed<double, double>(launch, params, stream);  // float64 tasks: always float64
+    } else if (launch.wide_acc) {
+      launch_typed<scalar_t, double>(launch, params, stream);
+    } else {
+      launch_typed<scalar_t, float>(launch, params, stream);
+    }
+  });
 }
 
 }  // namespace cuda

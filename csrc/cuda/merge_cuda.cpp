@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -60,11 +61,26 @@ class TableBuilder {
   std::vector<unsigned char> bytes_;
 };
 
+// Whether work enqueued on `stream` now would be captured into a CUDA graph. On the legacy
+// default stream while another stream of the device captures, CUDA answers
+// cudaErrorStreamCaptureImplicit: work on that stream would join or break that capture, so
+// it counts as capturing.
+bool stream_is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const cudaError_t status = cudaStreamIsCapturing(stream, &capture);
+  if (status == cudaErrorStreamCaptureImplicit) {
+    (void)cudaGetLastError();  // not sticky: clear it, so no later launch check reports it
+    return true;
+  }
+  C10_CUDA_CHECK(status);
+  return capture != cudaStreamCaptureStatusNone;
+}
+
 // Puts a table where the kernel reads it: inside the kernel parameters when it fits
 // (returns nullptr), else in device memory filled by an asynchronous copy from pinned host
-// memory (returns its address; `keep` holds the buffer until the launches are enqueued).
-// The second way cannot be captured in a CUDA graph: the copy would replay from a host
-// buffer that no longer holds the table.
+// memory (returns its address; `keep` holds the buffers until the launches are enqueued).
+// The second way cannot be captured in a CUDA graph (the copy would replay from a host
+// buffer that no longer holds the table), so it is refused during a capture.
 const unsigned char* place_table(const std::vector<unsigned char>& bytes, unsigned char* inline_dst,
                                  const at::Device& device, cudaStream_t stream,
                                  std::vector<at::Tensor>& keep) {
@@ -72,10 +88,7 @@ const unsigned char* place_table(const std::vector<unsigned char>& bytes, unsign
     if (!bytes.empty()) std::memcpy(inline_dst, bytes.data(), bytes.size());
     return nullptr;
   }
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  TORCH_CHECK_VALUE(capture == cudaStreamCaptureStatusNone,
-                    "lorax_merge: this batch needs a ", bytes.size(),
+  TORCH_CHECK_VALUE(!stream_is_capturing(stream), "lorax_merge: this batch needs a ", bytes.size(),
                     "-byte descriptor table, more than the ", kInlineTableBytes,
                     " bytes that travel with a kernel launch, so it cannot be captured in a CUDA "
                     "graph; capture smaller batches (fewer tensors) instead");
@@ -99,15 +112,16 @@ at::Device batch_device(const std::vector<const MergeRequest*>& requests) {
   for (size_t g = 0; g < requests.size(); ++g) {
     const MergeRequest& r = *requests[g];
     for (size_t i = 0; i < r.tasks.size(); ++i) {
-      TORCH_CHECK_VALUE(r.tasks[i].device() == device, "lorax_merge: ", group_name(g, requests.size()),
-                        "[", i, "] is on ", r.tasks[i].device(), " but ",
-                        group_name(0, requests.size()), "[0] is on ", device);
+      TORCH_CHECK_VALUE(r.tasks[i].device() == device,
+                        "lorax_merge: ", group_name(g, requests.size()), "[", i, "] is on ",
+                        r.tasks[i].device(), " but ", group_name(0, requests.size()), "[0] is on ",
+                        device);
     }
     TORCH_CHECK_VALUE(r.out.device() == device, "lorax_merge: out is on ", r.out.device(),
                       " but the task tensors are on ", device);
     TORCH_CHECK_VALUE(r.weights.device().is_cpu() || r.weights.device() == device,
-                      "lorax_merge: weights is on ", r.weights.device(), " but the task tensors are on ",
-                      device);
+                      "lorax_merge: weights is on ", r.weights.device(),
+                      " but the task tensors are on ", device);
   }
   return device;
 }
@@ -164,8 +178,9 @@ DeviceWeights gather_device_weights(const std::vector<const MergeRequest*>& requ
 // Requests that share one kernel instantiation and one set of strategy parameters.
 using BucketKey = std::tuple<int, bool, int, int, double, bool, const void*>;
 
-void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vector<size_t>& members,
-                const DeviceWeights& dw, const at::Device& device, cudaStream_t stream) {
+void run_bucket(const std::vector<const MergeRequest*>& requests,
+                const std::vector<size_t>& members, const DeviceWeights& dw,
+                const at::Device& device, cudaStream_t stream) {
   const MergeRequest& first = *requests[members[0]];
   const at::ScalarType task_type = first.tasks[0].scalar_type();
   const Dtype task_dtype = dtype_of(task_type);
@@ -178,9 +193,8 @@ void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vec
 
   std::vector<MergeGroup> groups;
   std::vector<MergeTask> tasks;
-  std::vector<SelectJob> jobs;
+  ThresholdJobTable select_table(task_dtype);
   int64_t blocks = 0;
-  int64_t tiles = 0;
   for (size_t member : members) {
     const MergeRequest& r = *requests[member];
     const int64_t numel = r.numel();
@@ -197,7 +211,8 @@ void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vec
     const Dtype out_dtype = dtype_of(r.out.scalar_type());
     group.out_dtype = static_cast<int32_t>(out_dtype);
     bool loads_aligned = true;
-    for (const at::Tensor& t : r.tasks) loads_aligned = loads_aligned && aligned_to(t.const_data_ptr(), load_align);
+    for (const at::Tensor& t : r.tasks)
+      loads_aligned = loads_aligned && aligned_to(t.const_data_ptr(), load_align);
     group.flags = (loads_aligned ? kVectorLoads : 0) |
                   (aligned_to(group.out, merge_vector_align(out_dtype, wide)) ? kVectorStores : 0);
     blocks += (numel + block_elems - 1) / block_elems;
@@ -214,15 +229,14 @@ void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vec
       }
       tasks.push_back(task);
       if (pruning == Pruning::kMagnitude && !first.thresholds.defined()) {
-        jobs.push_back(SelectJob{task.data, numel, k, tiles});
-        tiles += select_tiles(numel);
+        select_table.add(task.data, numel, k);
       }
     }
     groups.push_back(group);
   }
   if (groups.empty()) return;
   constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK_VALUE(blocks <= kMaxGrid && tiles <= kMaxGrid,
+  TORCH_CHECK_VALUE(blocks <= kMaxGrid && select_table.blocks() <= kMaxGrid,
                     "lorax_merge: the batch is too large for one launch (", blocks, " blocks)");
   TORCH_CHECK_VALUE(tasks.size() <= static_cast<size_t>(kMaxGrid), "lorax_merge: too many tensors");
 
@@ -231,10 +245,10 @@ void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vec
   std::vector<at::Tensor> keep;
   SelectLaunch select;
   MergeLaunch merge;
-  if (!jobs.empty()) {
+  if (!select_table.jobs().empty()) {
     TableBuilder table;
-    table.append(jobs);
-    select.jobs_device = reinterpret_cast<const SelectJob*>(
+    table.append(select_table.jobs());
+    select.jobs_device = reinterpret_cast<const ThresholdJob*>(
         place_table(table.bytes(), select.jobs_inline, device, stream, keep));
   }
   {
@@ -245,18 +259,21 @@ void run_bucket(const std::vector<const MergeRequest*>& requests, const std::vec
   }
 
   MagnitudeThreshold* thresholds = nullptr;
-  if (!jobs.empty()) {
-    const int64_t threshold_bytes = static_cast<int64_t>(jobs.size() * sizeof(MagnitudeThreshold));
+  if (!select_table.jobs().empty()) {
+    const int64_t num_jobs = static_cast<int64_t>(select_table.jobs().size());
+    const int64_t threshold_bytes = num_jobs * static_cast<int64_t>(sizeof(MagnitudeThreshold));
     const int64_t threshold_space = (threshold_bytes + 255) / 256 * 256;
     const int64_t ws_bytes = static_cast<int64_t>(
-        select_workspace_bytes(task_dtype, static_cast<int64_t>(jobs.size()), tiles));
-    at::Tensor ws = at::empty({threshold_space + ws_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+        select_workspace_bytes(task_dtype, select_table.split_jobs(), select_table.blocks()));
+    at::Tensor ws = at::empty({threshold_space + ws_bytes},
+                              at::TensorOptions().dtype(at::kByte).device(device));
     keep.push_back(ws);
     unsigned char* base = static_cast<unsigned char*>(ws.data_ptr());
     thresholds = reinterpret_cast<MagnitudeThreshold*>(base);
     select.dtype = task_dtype;
-    select.num_jobs = static_cast<int32_t>(jobs.size());
-    select.num_tiles = tiles;
+    select.num_jobs = static_cast<int32_t>(num_jobs);
+    select.num_split_jobs = select_table.split_jobs();
+    select.num_blocks = select_table.blocks();
     select.workspace = base + threshold_space;
     select.thresholds = thresholds;
     launch_select(select, stream);
@@ -285,6 +302,11 @@ void run_batch(const std::vector<const MergeRequest*>& requests) {
   const at::Device device = batch_device(requests);
   TORCH_CHECK_VALUE(device.is_cuda(), "lorax_merge: expected CUDA tensors, got ", device);
   c10::cuda::CUDAGuard guard(device);
+  // Allocating pinned or device memory is an "unsafe" call while another thread captures a
+  // graph in the global mode (PyTorch's default), and would invalidate that capture. In the
+  // thread-local mode, this thread's calls ignore other threads' captures (a capture of its
+  // own still forbids them).
+  c10::cuda::CUDAStreamCaptureModeGuard capture_mode(cudaStreamCaptureModeThreadLocal);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const DeviceWeights dw = gather_device_weights(requests);
 
@@ -309,35 +331,38 @@ void select_into(const std::vector<at::Tensor>& tasks, double density, at::Tenso
   const at::Device device = tasks[0].device();
   TORCH_CHECK_VALUE(device.is_cuda(), "lorax_merge: expected CUDA tensors, got ", device);
   c10::cuda::CUDAGuard guard(device);
+  c10::cuda::CUDAStreamCaptureModeGuard capture_mode(
+      cudaStreamCaptureModeThreadLocal);  // see run_batch
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const int64_t numel = tasks[0].numel();
   const int64_t k = magnitude_keep_count(density, numel);
-  std::vector<SelectJob> jobs;
-  int64_t tiles = 0;
-  for (const at::Tensor& t : tasks) {
-    jobs.push_back(SelectJob{t.const_data_ptr(), numel, k, tiles});
-    tiles += select_tiles(numel);
-  }
+  const Dtype dtype = dtype_of(tasks[0].scalar_type());
+  ThresholdJobTable select_table(dtype);
+  for (const at::Tensor& t : tasks) select_table.add(t.const_data_ptr(), numel, k);
   constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK_VALUE(tiles <= kMaxGrid, "lorax_merge: too many elements for one selection launch");
+  TORCH_CHECK_VALUE(select_table.blocks() <= kMaxGrid,
+                    "lorax_merge: too many elements for one selection launch");
   std::vector<at::Tensor> keep;
   SelectLaunch select;
   TableBuilder table;
-  table.append(jobs);
-  select.jobs_device = reinterpret_cast<const SelectJob*>(
+  table.append(select_table.jobs());
+  select.jobs_device = reinterpret_cast<const ThresholdJob*>(
       place_table(table.bytes(), select.jobs_inline, device, stream, keep));
-  const Dtype dtype = dtype_of(tasks[0].scalar_type());
-  const int64_t ws_bytes = static_cast<int64_t>(select_workspace_bytes(dtype, static_cast<int64_t>(jobs.size()), tiles));
+  const int64_t ws_bytes = static_cast<int64_t>(
+      select_workspace_bytes(dtype, select_table.split_jobs(), select_table.blocks()));
   at::Tensor ws = at::empty({ws_bytes}, at::TensorOptions().dtype(at::kByte).device(device));
   select.dtype = dtype;
-  select.num_jobs = static_cast<int32_t>(jobs.size());
-  select.num_tiles = tiles;
+  select.num_jobs = static_cast<int32_t>(select_table.jobs().size());
+  select.num_split_jobs = select_table.split_jobs();
+  select.num_blocks = select_table.blocks();
   select.workspace = ws.data_ptr();
   select.thresholds = reinterpret_cast<MagnitudeThreshold*>(out.data_ptr<int64_t>());
   launch_select(select, stream);
 }
 
-int64_t stacked_rows(const at::Tensor& stacked) { return stacked.dim() == 0 ? 1 : stacked.size(0); }
+int64_t stacked_rows(const at::Tensor& stacked) {
+  return stacked.dim() == 0 ? 1 : stacked.size(0);
+}
 
 }  // namespace
 
@@ -356,7 +381,8 @@ struct CudaKernels {
     run_batch(ptrs);
   }
 
-  static void majority_sign_mask(const at::Tensor& stacked, SignElection election, at::Tensor& mask) {
+  static void majority_sign_mask(const at::Tensor& stacked, SignElection election,
+                                 at::Tensor& mask) {
     if (stacked.numel() == 0) return;
     TORCH_CHECK_VALUE(mask.device() == stacked.device(), "lorax_merge: mask is on ", mask.device(),
                       " but tensor is on ", stacked.device());
@@ -372,12 +398,15 @@ struct CudaKernels {
     c10::cuda::CUDAGuard guard(stacked.device());
     launch_disjoint_merge(dtype_of(stacked.scalar_type()), stacked.const_data_ptr(),
                           mask.const_data_ptr<bool>(), out.data_ptr(), stacked_rows(stacked),
-                          out.numel(), c10::cuda::getCurrentCUDAStream(stacked.device().index()).stream());
+                          out.numel(),
+                          c10::cuda::getCurrentCUDAStream(stacked.device().index()).stream());
   }
 };
 
 }  // namespace cuda
 
-TORCH_LIBRARY_IMPL(lorax_merge, CUDA, m) { register_device_ops<cuda::CudaKernels>(m); }
+TORCH_LIBRARY_IMPL(lorax_merge, CUDA, m) {
+  register_device_ops<cuda::CudaKernels>(m);
+}
 
 }  // namespace lorax_merge

@@ -3,6 +3,7 @@
 // sums are formed in the same order.
 #include <c10/cuda/CUDAException.h>
 
+#include "../common/canonical_nan.h"
 #include "device_utils.cuh"
 
 namespace lorax_merge {
@@ -22,12 +23,15 @@ __global__ void __launch_bounds__(kStackedThreads)
                      int64_t positions) {
   using acc_t = typename OpMath<scalar_t>::type;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < positions; j += stride) {
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < positions;
+       j += stride) {
     acc_t score = acc_t(0);
-    for (int64_t i = 0; i < rows; ++i) score += election_term<acc_t, E>(static_cast<acc_t>(x[i * positions + j]));
+    for (int64_t i = 0; i < rows; ++i)
+      score += election_term<acc_t, E>(static_cast<acc_t>(x[i * positions + j]));
     const bool positive = majority_is_positive(score);
     for (int64_t i = 0; i < rows; ++i) {
-      mask[i * positions + j] = agrees_with_majority(static_cast<acc_t>(x[i * positions + j]), positive);
+      mask[i * positions + j] =
+          agrees_with_majority(static_cast<acc_t>(x[i * positions + j]), positive);
     }
   }
 }
@@ -39,36 +43,14 @@ __global__ void __launch_bounds__(kStackedThreads)
                           int64_t positions) {
   using acc_t = typename OpMath<scalar_t>::type;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < positions; j += stride) {
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < positions;
+       j += stride) {
     MaskedMean<acc_t> mean;
     for (int64_t i = 0; i < rows; ++i) {
       mean.add(static_cast<acc_t>(x[i * positions + j]), mask[i * positions + j]);
     }
-    out[j] = mean.result();
+    out[j] = output_value<acc_t>(mean.result());
   }
-}
-
-template <typename scalar_t>
-void sign_mask_typed(SignElection election, const void* stacked, bool* mask, int64_t rows,
-                     int64_t positions, cudaStream_t stream) {
-  const scalar_t* x = static_cast<const scalar_t*>(stacked);
-  if (election == SignElection::kFrequency) {
-    sign_mask_kernel<scalar_t, SignElection::kFrequency>
-        <<<stacked_blocks(positions), kStackedThreads, 0, stream>>>(x, mask, rows, positions);
-  } else {
-    sign_mask_kernel<scalar_t, SignElection::kTotal>
-        <<<stacked_blocks(positions), kStackedThreads, 0, stream>>>(x, mask, rows, positions);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename scalar_t>
-void disjoint_typed(const void* stacked, const bool* mask, void* out, int64_t rows,
-                    int64_t positions, cudaStream_t stream) {
-  using acc_t = typename OpMath<scalar_t>::type;
-  disjoint_merge_kernel<scalar_t><<<stacked_blocks(positions), kStackedThreads, 0, stream>>>(
-      static_cast<const scalar_t*>(stacked), mask, static_cast<acc_t*>(out), rows, positions);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -76,39 +58,27 @@ void disjoint_typed(const void* stacked, const bool* mask, void* out, int64_t ro
 void launch_sign_mask(Dtype dtype, SignElection election, const void* stacked, bool* mask,
                       int64_t rows, int64_t positions, cudaStream_t stream) {
   if (positions == 0 || rows == 0) return;
-  switch (dtype) {
-    case Dtype::kFloat:
-      sign_mask_typed<float>(election, stacked, mask, rows, positions, stream);
-      break;
-    case Dtype::kHalf:
-      sign_mask_typed<c10::Half>(election, stacked, mask, rows, positions, stream);
-      break;
-    case Dtype::kBFloat16:
-      sign_mask_typed<c10::BFloat16>(election, stacked, mask, rows, positions, stream);
-      break;
-    case Dtype::kDouble:
-      sign_mask_typed<double>(election, stacked, mask, rows, positions, stream);
-      break;
-  }
+  TORCH_CHECK(election != SignElection::kNone, "lorax_merge: a sign mask needs a sign method");
+  LM_DISPATCH_DTYPE(dtype, scalar_t, [&] {
+    LM_DISPATCH_ELECTION(election, E, [&] {
+      if constexpr (E != SignElection::kNone) {
+        sign_mask_kernel<scalar_t, E><<<stacked_blocks(positions), kStackedThreads, 0, stream>>>(
+            static_cast<const scalar_t*>(stacked), mask, rows, positions);
+      }
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void launch_disjoint_merge(Dtype dtype, const void* stacked, const bool* mask, void* out,
                            int64_t rows, int64_t positions, cudaStream_t stream) {
   if (positions == 0) return;
-  switch (dtype) {
-    case Dtype::kFloat:
-      disjoint_typed<float>(stacked, mask, out, rows, positions, stream);
-      break;
-    case Dtype::kHalf:
-      disjoint_typed<c10::Half>(stacked, mask, out, rows, positions, stream);
-      break;
-    case Dtype::kBFloat16:
-      disjoint_typed<c10::BFloat16>(stacked, mask, out, rows, positions, stream);
-      break;
-    case Dtype::kDouble:
-      disjoint_typed<double>(stacked, mask, out, rows, positions, stream);
-      break;
-  }
+  LM_DISPATCH_DTYPE(dtype, scalar_t, [&] {
+    using acc_t = typename OpMath<scalar_t>::type;
+    disjoint_merge_kernel<scalar_t><<<stacked_blocks(positions), kStackedThreads, 0, stream>>>(
+        static_cast<const scalar_t*>(stacked), mask, static_cast<acc_t*>(out), rows, positions);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda

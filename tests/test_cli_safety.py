@@ -1,0 +1,383 @@
+"""lorax-merge never destroys data: empty paths, what --overwrite may replace, races, kills at
+every step of the commit, leftovers of killed runs, long names, links out of an input, and
+signals while torch loads or after the commit."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from adapter_tools import ROOT, assert_one_line_error, make_adapter, run_cli, tree_digest
+
+from lorax_merge.cli import output as out_folder
+
+ST_NAME = "adapter_model.safetensors"
+CFG_NAME = "adapter_config.json"
+LEFTOVER = re.compile(r"\.lorax-merge-(?P<pid>[0-9]+)-[0-9a-f]{8}\.(?P<kind>tmp|old|commit)")
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    return make_adapter(tmp_path_factory.mktemp("t") / "adapter", target_modules=["q_proj"])
+
+
+@pytest.fixture
+def adapter(template, tmp_path) -> Path:
+    path = tmp_path / "inputs" / "a"
+    shutil.copytree(template, path)
+    return path
+
+
+def _merge(adapter: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+    return run_cli([adapter, "-o", out, "--strategy", "linear", *extra])
+
+
+def _merge_ok(adapter: Path, out: Path, *extra: str) -> None:
+    code, _, err = _merge(adapter, out, *extra)
+    assert code == 0, err
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+# ------------------------------------------------------------------------------------ empty paths
+def test_empty_output_path_is_refused_and_the_current_folder_kept(adapter, tmp_path, monkeypatch):
+    home = tmp_path / "work"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    monkeypatch.chdir(home)
+    code, out, err = run_cli([adapter, "-o", "", "--strategy", "linear", "--overwrite"])
+    assert_one_line_error(code, out, err)
+    assert "--output is an empty path" in err
+    assert os.listdir(home) == ["thesis.tex"]
+
+
+def test_empty_adapter_path_is_refused(adapter, tmp_path, monkeypatch):
+    monkeypatch.chdir(adapter)  # "" would otherwise read the current folder as an adapter
+    code, out, err = run_cli([adapter, "", "-o", tmp_path / "out", "--strategy", "linear"])
+    assert_one_line_error(code, out, err)
+    assert "ADAPTER_DIR 2 is an empty path" in err
+    assert not (tmp_path / "out").exists()
+
+
+# -------------------------------------------------------------------------- what --overwrite may do
+def test_overwrite_replaces_an_adapter_folder_with_its_usual_files(adapter, tmp_path):
+    out = tmp_path / "out"
+    _merge_ok(adapter, out)
+    carried = ["README.md", "tokenizer.json", "training_args.bin", "rng_state_0.pth", "x.bin"]
+    for name in carried:
+        (out / name).write_text("old")
+    _merge_ok(adapter, out, "--overwrite", "--weights", "2")
+    assert sorted(os.listdir(out)) == [CFG_NAME, ST_NAME, "merge_provenance.json"]
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (["notes.txt"], "holds what an adapter folder does not (notes.txt)"),
+        (["b.txt", "a.txt", "c.txt", "d.txt", "e/"], "(a.txt, b.txt, c.txt and 2 more)"),
+        (["checkpoints/"], "(checkpoints/)"),
+    ],
+)
+def test_overwrite_refuses_an_adapter_folder_with_unexpected_entries(
+    adapter, tmp_path, entries, message
+):
+    out = tmp_path / "out"
+    _merge_ok(adapter, out)
+    for entry in entries:
+        if entry.endswith("/"):
+            (out / entry).mkdir()
+            (out / entry / "data").write_text("keep")
+        else:
+            (out / entry).write_text("keep")
+    before = tree_digest(out)
+    code, stdout, stderr = _merge(adapter, out, "--overwrite", "--weights", "2")
+    assert_one_line_error(code, stdout, stderr)
+    assert message in stderr
+    assert tree_digest(out) == before
+
+
+def test_overwrite_refuses_a_folder_that_is_not_an_adapter(adapter, tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    for name in ("2019.jpg", "2020.jpg", "2021.jpg", "2022.jpg"):
+        (out / name).write_bytes(b"\xff\xd8")
+    code, stdout, stderr = _merge(adapter, out, "--overwrite")
+    assert_one_line_error(code, stdout, stderr)
+    assert "is not an adapter folder (no adapter_config.json)" in stderr
+    assert "2019.jpg, 2020.jpg, 2021.jpg and 1 more" in stderr
+    assert len(os.listdir(out)) == 4
+
+
+@pytest.mark.parametrize("where", ["current folder", "home folder", "root folder", "input parent"])
+def test_protected_folders_are_never_replaced(adapter, tmp_path, monkeypatch, where):
+    looks_like_adapter = tmp_path / "folder"
+    looks_like_adapter.mkdir()
+    (looks_like_adapter / CFG_NAME).write_text("{}")
+    if where == "current folder":
+        monkeypatch.chdir(looks_like_adapter)
+        out, message = Path("."), "is the current folder"
+    elif where == "home folder":
+        monkeypatch.setenv("HOME", str(looks_like_adapter))
+        out, message = looks_like_adapter, "is the home folder"
+    elif where == "root folder":
+        out, message = Path("/"), "is the root folder"
+    else:
+        out, message = adapter.parent, "contains the input adapter folder"
+    code, stdout, stderr = _merge(adapter, out, "--overwrite")
+    assert_one_line_error(code, stdout, stderr)
+    assert message in stderr
+    assert os.listdir(looks_like_adapter) == [CFG_NAME]
+
+
+def test_input_file_linked_into_the_output_is_refused(template, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(template, out)  # an adapter folder --overwrite could replace
+    b = tmp_path / "b"
+    shutil.copytree(template, b)
+    (b / CFG_NAME).unlink()
+    os.symlink(out / CFG_NAME, b / CFG_NAME)
+    before = tree_digest(out, b)
+    code, stdout, stderr = run_cli([b, "-o", out, "--strategy", "linear", "--overwrite"])
+    assert_one_line_error(code, stdout, stderr)
+    assert f"holds {CFG_NAME} of the input adapter folder {b}" in stderr
+    assert tree_digest(out, b) == before
+
+
+# --------------------------------------------------------------------------------------- the commit
+def test_commit_without_overwrite_never_replaces_a_folder_filled_meanwhile(
+    adapter, tmp_path, monkeypatch
+):
+    out = tmp_path / "outputs" / "merged"
+    out.mkdir(parents=True)  # empty: accepted at the start
+    save = out_folder.save_tensors
+
+    def save_then_someone_writes(tensors, path):
+        save(tensors, path)
+        (out / "their-file.txt").write_text("not yours")
+
+    monkeypatch.setattr(out_folder, "save_tensors", save_then_someone_writes)
+    code, stdout, stderr = _merge(adapter, out)
+    assert_one_line_error(code, stdout, stderr)
+    assert "was filled by another process while merging; nothing was replaced" in stderr
+    assert os.listdir(out) == ["their-file.txt"]
+    assert os.listdir(out.parent) == ["merged"]
+
+
+def test_long_output_names_work(adapter, tmp_path):
+    out = tmp_path / ("m" * 240)
+    _merge_ok(adapter, out)
+    assert (out / ST_NAME).is_file()
+    assert sorted(os.listdir(tmp_path)) == ["inputs", "m" * 240]
+
+
+_KILLER = """
+import os, shutil, signal, sys
+import lorax_merge.cli as cli
+
+moment = os.environ["KILL_AT"]
+rename, rmtree = os.rename, shutil.rmtree
+
+def rename_then_die(src, dst):
+    rename(src, dst)
+    if moment == "old adapter moved aside" and str(dst).endswith(".old"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def die_before_rmtree(path, *args, **kwargs):
+    if moment == "new adapter in place" and str(path).endswith(".old"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rmtree(path, *args, **kwargs)
+
+def die_while_writing(tensors, path):
+    write(tensors, path)
+    if moment == "tensors written":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.rename, shutil.rmtree = rename_then_die, die_before_rmtree
+write, cli.output.save_tensors = cli.output.save_tensors, die_while_writing
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _killed_merge(adapter: Path, out: Path, moment: str) -> int:
+    argv = [adapter, "-o", out, "--strategy", "linear", "--weights", "2", "--overwrite"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLER, *map(str, argv)],
+        env=_env(KILL_AT=moment),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, stderr
+    return proc.pid
+
+
+def _leftovers(parent: Path) -> dict[str, int]:
+    found = {}
+    for name in os.listdir(parent):
+        match = LEFTOVER.fullmatch(name)
+        if match:
+            found[match["kind"]] = int(match["pid"])
+    return found
+
+
+@pytest.mark.parametrize(
+    ("moment", "left", "kept"),
+    [
+        ("tensors written", {"tmp"}, "old"),
+        ("old adapter moved aside", {"tmp", "old", "commit"}, "old"),
+        ("new adapter in place", {"old", "commit"}, "new"),
+    ],
+)
+def test_a_kill_during_the_commit_never_loses_both_adapters(adapter, tmp_path, moment, left, kept):
+    parent = tmp_path / "outputs"
+    out = parent / "merged"
+    _merge_ok(adapter, out)
+    old = (out / ST_NAME).read_bytes()
+    pid = _killed_merge(adapter, out, moment)
+    leftovers = _leftovers(parent)
+    assert set(leftovers) == left and set(leftovers.values()) == {pid}
+    assert all(len(name) < 40 for name in os.listdir(parent) if name != "merged")
+    # any later run writing into the same parent folder tidies what the killed run left
+    _merge_ok(adapter, parent / "other", "--weights", "2")
+    assert sorted(os.listdir(parent)) == ["merged", "other"]
+    if kept == "old":
+        assert (out / ST_NAME).read_bytes() == old
+    else:
+        assert (out / ST_NAME).read_bytes() == (parent / "other" / ST_NAME).read_bytes() != old
+        assert json.loads((out / "merge_provenance.json").read_text())["weights"] == [2.0]
+
+
+def test_a_replaced_adapter_is_kept_when_its_name_was_taken_meanwhile(adapter, tmp_path):
+    parent = tmp_path / "outputs"
+    out = parent / "merged"
+    _merge_ok(adapter, out)
+    old = (out / ST_NAME).read_bytes()
+    _killed_merge(adapter, out, "old adapter moved aside")
+    out.mkdir()  # the free name is taken by someone else before the next run
+    (out / "theirs.txt").write_text("theirs")
+    _merge_ok(adapter, parent / "other")
+    assert set(_leftovers(parent)) == {"old", "commit"}  # the old adapter is not deleted
+    assert os.listdir(out) == ["theirs.txt"]
+    (aside,) = (n for n in os.listdir(parent) if n.endswith(".old"))
+    assert (parent / aside / ST_NAME).read_bytes() == old
+
+
+def test_leftovers_of_a_running_process_are_left_alone(adapter, tmp_path):
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        theirs = parent / f".lorax-merge-{sleeper.pid}-0123abcd.tmp"
+        theirs.mkdir()
+        _merge_ok(adapter, parent / "merged")
+        assert theirs.is_dir()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    _merge_ok(adapter, parent / "again")
+    assert not theirs.exists()
+
+
+# ------------------------------------------------------------------------------------------ signals
+_SIGNAL_WHEN_TORCH_LOADS = """
+import os, signal, sys
+
+class SignalWhenTorchLoads:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL_AT_TORCH"]))
+        return None
+
+sys.meta_path.insert(0, SignalWhenTorchLoads())
+"""
+
+
+@pytest.mark.parametrize("how", ["lorax-merge script", "python -m lorax_merge", "library import"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_while_torch_loads(adapter, tmp_path, how, sig):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SIGNAL_WHEN_TORCH_LOADS)
+    script = site / "lorax-merge"  # what pip writes for the console script
+    script.write_text("import sys\nfrom lorax_merge.cli import main\nsys.exit(main())\n")
+    args = [str(adapter), "-o", str(tmp_path / "out"), "--strategy", "linear"]
+    command = {
+        "lorax-merge script": [sys.executable, str(script), *args],
+        "python -m lorax_merge": [sys.executable, "-m", "lorax_merge", *args],
+        "library import": [sys.executable, "-c", "import lorax_merge"],
+    }[how]
+    env = _env(SIGNAL_AT_TORCH=sig)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if sig == "SIGTERM":  # quiet, as a killed process: exit status 143 in a shell
+        assert (proc.returncode, proc.stderr) == (-signal.SIGTERM, "")
+    elif how == "library import":  # a library never swallows KeyboardInterrupt
+        assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in proc.stderr
+    else:
+        assert (proc.returncode, proc.stderr) == (130, "lorax-merge: error: interrupted\n")
+    assert not (tmp_path / "out").exists()
+
+
+_TERMINATED_AFTER_COMMIT = """
+import os, signal, sys, time
+import lorax_merge.cli as cli
+
+summary = cli.report.summary
+
+def terminated_while_reporting(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)  # the handler runs during the sleep
+    return summary(*args)
+
+cli.report.summary = terminated_while_reporting
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_after_the_commit_reports_success(adapter, tmp_path):
+    out = tmp_path / "out"
+    argv = [str(adapter), "-o", str(out), "--strategy", "linear"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _TERMINATED_AFTER_COMMIT, *argv],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.startswith("Merged 1 adapter")
+    assert (out / ST_NAME).is_file()
+
+
+def test_sigterm_during_the_commit_waits_for_it(adapter, tmp_path, monkeypatch):
+    """A signal in the middle of the commit is acted on once the commit is done: here after
+    the new adapter is in place, so the run succeeds."""
+    out = tmp_path / "out"
+    _merge_ok(adapter, out)
+    rename = os.rename
+
+    def rename_and_signal(src, dst):
+        rename(src, dst)
+        if str(dst).endswith(".old"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+
+    monkeypatch.setattr(os, "rename", rename_and_signal)
+    code, stdout, stderr = _merge(adapter, out, "--overwrite", "--weights", "2")
+    assert (code, stderr) == (0, "")
+    assert json.loads((out / "merge_provenance.json").read_text())["weights"] == [2.0]
+    assert sorted(os.listdir(out.parent)) == ["inputs", "out"]
