@@ -8,7 +8,7 @@ drop-in (``lorax_server``), the ``lorax-merge`` command (``cli``), delta-space m
 ``lowrank``, ``delta_adapters``) and the PEFT ``add_weighted_adapter`` drop-in (``peft``).
 """
 
-from . import (
+from . import (  # noqa: I001  (_cli_startup must come first)
     _cli_startup,  # noqa: F401  (first: Ctrl-C while the command still loads torch)
     _autograd,  # noqa: F401  (registers the derivative formulas of the ops)
     _ops,  # noqa: F401  (registers the ops before anything uses them)

@@ -19,6 +19,7 @@ import torch
 from ._validation import check_density, check_majority_sign_method, check_strategy
 from .api import merge_many
 from .seeds import check_seed, derive_tensor_seed, draw_seed
+from .strategy_table import LINEAR
 
 __all__ = ["LearnedWeights", "learn_weights", "module_name"]
 
@@ -110,7 +111,7 @@ def learn_weights(
     loss_fn: LossFn,
     batches: Sequence[Any],
     *,
-    strategy: str = "linear",
+    strategy: str = LINEAR,
     density: float = 1.0,
     majority_sign_method: str = "total",
     seed: int | None = None,
