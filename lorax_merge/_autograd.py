@@ -174,22 +174,32 @@ def _setup_merge_grad(ctx, inputs, output) -> None:
 
 
 def _merge_grad_backward(ctx, *grads):
-    raise NotImplementedError(
+    raise RuntimeError(
         "lorax_merge: second derivatives of a merge are not implemented (the backward of "
         "merge_backward); differentiate the merge once"
     )
 
 
-_FORMULAS = {
-    "merge": (_merge_backward, _setup_merge),
-    "merge_with_thresholds": (_merge_with_thresholds_backward, _setup_merge_with_thresholds),
-    "merge_many": (_merge_many_backward, _setup_merge_many),
-    "magnitude_prune": (_magnitude_prune_backward, _setup_magnitude_prune),
-    "random_prune": (_random_prune_backward, _setup_random_prune),
-    "disjoint_merge": (_disjoint_merge_backward, _setup_disjoint_merge),
-    "disjoint_merge_backward": (_disjoint_merge_grad_backward, _setup_disjoint_merge_grad),
-    "merge_backward": (_merge_grad_backward, _setup_merge_grad),
-}
+# Each op's derivative, as (backward, setup_context); the op is named by the backward function
+# (``_NAME_backward``, with ``_grad`` standing for the op's own ``_backward``), so that no op name
+# is written twice.
+_FORMULAS = (
+    (_merge_backward, _setup_merge),
+    (_merge_with_thresholds_backward, _setup_merge_with_thresholds),
+    (_merge_many_backward, _setup_merge_many),
+    (_magnitude_prune_backward, _setup_magnitude_prune),
+    (_random_prune_backward, _setup_random_prune),
+    (_disjoint_merge_backward, _setup_disjoint_merge),
+    (_disjoint_merge_grad_backward, _setup_disjoint_merge_grad),
+    (_merge_grad_backward, _setup_merge_grad),
+)
 
-for _name, (_backward, _setup) in _FORMULAS.items():
+
+def _op_name(backward) -> str:
+    name = backward.__name__.removeprefix("_").removesuffix("_backward")
+    return name.removesuffix("_grad") + "_backward" if name.endswith("_grad") else name
+
+
+for _backward, _setup in _FORMULAS:
+    _name = _op_name(_backward)
     torch.library.register_autograd(f"lorax_merge::{_name}", _backward, setup_context=_setup)
