@@ -249,25 +249,35 @@ inline bool scan_bracket_vectors(const scalar_t* x, int64_t* i, int64_t end, int
     const __m256i vlo_minus_1 = _mm256_set1_epi32(static_cast<int32_t>(lo) - 1);
     const __m256i vhi = _mm256_set1_epi32(static_cast<int32_t>(hi));
     __m256i high_counts = _mm256_setzero_si256();  // minus the count, per lane
-    for (; j < block_end; j += kKeyLanes) {
-      const __m256i key = load_keys<kFoldNaN>(x + j);
+    __m256i first_offset = _mm256_set1_epi32(static_cast<int32_t>(j - origin));
+    const __m256i step = _mm256_set1_epi32(static_cast<int32_t>(kKeyLanes));
+    // One vector: count the keys above, append the keys inside and their offsets.
+    auto scan_one = [&](int64_t at) {
+      const __m256i key = load_keys<kFoldNaN>(x + at);
       const __m256i high = _mm256_cmpgt_epi32(key, vhi);
       high_counts = _mm256_add_epi32(high_counts, high);
       const __m256i in = _mm256_andnot_si256(high, _mm256_cmpgt_epi32(key, vlo_minus_1));
       const unsigned inside = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(in)));
       const __m256i order = _mm256_cvtepu8_epi32(
           _mm_cvtsi64_si128(static_cast<long long>(kCompressLanes.lanes[inside])));
-      const __m256i offset =
-          _mm256_add_epi32(order, _mm256_set1_epi32(static_cast<int32_t>(j - origin)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + n),
                           _mm256_permutevar8x32_epi32(key, order));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets + n), offset);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets + n),
+                          _mm256_add_epi32(first_offset, order));
+      first_offset = _mm256_add_epi32(first_offset, step);
       n += __builtin_popcount(inside);
-      if (n > capacity) {
-        full = true;
-        break;
-      }
+    };
+    // Two vectors a step, one check of the room left (kCandidateSlack covers both).
+    for (; j + 2 * kKeyLanes <= block_end; j += 2 * kKeyLanes) {
+      scan_one(j);
+      scan_one(j + kKeyLanes);
+      if (n > capacity) break;
     }
+    if (j < block_end && n <= capacity) {
+      scan_one(j);
+      j += kKeyLanes;
+    }
+    if (n > capacity) full = true;
     alignas(32) int32_t high_lanes[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(high_lanes), high_counts);
     for (int32_t c : high_lanes) *above -= c;
