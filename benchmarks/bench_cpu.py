@@ -18,11 +18,17 @@ One run measures, on the CPU and with the same threads:
   output itself) divided by the output's size is reported.  Where the counter
   cannot be reset, ``ru_maxrss`` before and after is used instead.
 
-It prints markdown tables, with the targets beside the numbers:
+It prints markdown tables, with the targets beside the numbers, and the CPU capability level
+the kernels ran at (``lorax_merge.build_info()["cpu_capability"]``):
 
     python benchmarks/bench_cpu.py                  # full run (about 2-3 minutes on 2 cores)
     python benchmarks/bench_cpu.py --quick          # small sizes, smoke test
     python benchmarks/bench_cpu.py --markdown-out bench.md
+    python benchmarks/bench_cpu.py --cpu-capability avx2,avx512   # levels side by side
+
+``--cpu-capability`` runs the benchmark once per level in a fresh process with
+``LORAX_MERGE_CPU_CAPABILITY`` and ``ATEN_CPU_CAPABILITY`` set to it, so the upstream code's
+torch kernels run at that level too, as on a CPU without the wider instructions.
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -50,16 +55,15 @@ if str(HERE) not in sys.path:
 
 import upstream  # noqa: E402
 from bench_common import import_lorax_merge, proc_status_kb, reset_peak_rss  # noqa: E402
+from bench_cpu_report import fmt_ms, report  # noqa: E402
 
 STRATEGIES = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SPEEDUP_TARGETS = {"linear": 4.0, "ties": 30.0, "dare_linear": 15.0, "dare_ties": 15.0}
-LORA_TARGET_US = 150.0
-MEMORY_TARGET = 2.5
 N_TASKS = 3
 DENSITY = 0.5
 WEIGHTS = [0.5, 0.3, 0.2]
 SEED = 1234
+BANDWIDTH_NUMEL = 4096 * 4096
 
 
 # --------------------------------------------------------------------------- helpers
@@ -204,53 +208,16 @@ def run_memory_cases(cases: list[tuple[str, str, str]], side: int, threads: int)
 # --------------------------------------------------------------------------- report
 
 
-def fmt_ms(seconds: float) -> str:
-    ms = seconds * 1e3
-    return f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"
-
-
-def verdict(ok: bool) -> str:
-    return "yes" if ok else "**no**"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="small sizes and few runs (smoke test)"
-    )
-    parser.add_argument("--markdown-out", type=Path, help="also write the tables to this file")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's)"
-    )
-    parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
-    parser.add_argument(
-        "--memory-case",
-        nargs=4,
-        metavar=("IMPL", "STRATEGY", "DTYPE", "SIDE"),
-        help=argparse.SUPPRESS,
-    )
-    args = parser.parse_args(argv)
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-
-    if args.memory_case:
-        impl, strategy, dtype_name, side = args.memory_case
-        print(json.dumps(memory_case(impl, strategy, dtype_name, int(side))))
-        return 0
-
+def measure(args: argparse.Namespace) -> dict:
+    """Every timing of one run, at the CPU capability level this process uses."""
     lorax_merge = import_lorax_merge()
-
     side = 1024 if args.quick else 4096
     reps_big = 3 if args.quick else 5
     reps_lora = 100 if args.quick else 500
     reps_lora_upstream = 50 if args.quick else 100  # upstream takes milliseconds per call
     started = time.perf_counter()
-
     # bandwidth floor, measured in this run on buffers larger than any cache
-    bandwidth_numel = 4096 * 4096
-    bandwidth = bandwidth_bytes_per_s(bandwidth_numel, reps=10)
+    bandwidth = bandwidth_bytes_per_s(BANDWIDTH_NUMEL, reps=10)
     load_before = os.getloadavg()[0]
 
     weights = torch.tensor(WEIGHTS)  # the server's torch.tensor(weights)
@@ -260,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += time_big_cases(dtype_name, tasks, weights, reps_big, bandwidth)
         del tasks
         gc.collect()
-
     big_done = time.perf_counter()
+
     lora_tasks = [torch.randn(16, 4096) for _ in range(N_TASKS)]
     lora_rows = []
     for strategy in STRATEGIES:
@@ -287,67 +254,95 @@ def main(argv: list[str] | None = None) -> int:
             (impl, s, d) for d in dtype_names for s in STRATEGIES for impl in ("ours", "upstream")
         ]
         print(f"  peak memory: {len(cases)} cases, one process each", file=sys.stderr, flush=True)
-        memory = run_memory_cases(cases, side, threads)
-
-    elapsed = time.perf_counter() - started
+        memory = {"/".join(k): v for k, v in run_memory_cases(cases, side, args.threads).items()}
     info = lorax_merge.build_info()
-    lines = [
-        f"CPU: {platform.processor() or platform.machine()}, {threads} torch threads; "
-        f"torch {torch.__version__}; lorax_merge {info.get('version', '?')}",
-        f"Load average before the run: {load_before:.2f} (timings are only meaningful on an idle "
-        "machine).",
-        f"Bandwidth floor: `torch.add(a, b, out=c)` on {bandwidth_numel >> 20}M float32 runs at "
-        f"{bandwidth / 1e9:.1f} GB/s; "
-        "floor = (bytes of the tasks + bytes of the output) / bandwidth.",
-        "",
-        f"### {N_TASKS} tasks of {side}x{side}, density {DENSITY} (median of {reps_big} runs; "
-        f"{max(3, reps_big - 2)} for upstream)",
-        "",
-        "| strategy | dtype | upstream (ms) | lorax_merge (ms) | speedup | target | met "
-        "| floor (ms) | x floor | peak extra memory, upstream | peak extra memory, lorax_merge |",
-        "|---|---|---:|---:|---:|---:|:-:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        speedup = r["upstream"] / r["ours"]
-        target = SPEEDUP_TARGETS.get(r["strategy"])
-        mem_up = memory.get(("upstream", r["strategy"], r["dtype"]))
-        mem_ours = memory.get(("ours", r["strategy"], r["dtype"]))
-        mem_up_s = f"{mem_up['ratio']:.1f}x" if mem_up else "-"
-        if mem_ours:
-            mem_ours_s = f"{mem_ours['ratio']:.2f}x ({verdict(mem_ours['ratio'] < MEMORY_TARGET)})"
-        else:
-            mem_ours_s = "-"
-        lines.append(
-            f"| {r['strategy']} | {r['dtype']} | {fmt_ms(r['upstream'])} | {fmt_ms(r['ours'])} "
-            f"| {speedup:.1f}x | {f'>= {target:g}x' if target else '-'} "
-            f"| {verdict(speedup >= target) if target else '-'} | {fmt_ms(r['floor'])} "
-            f"| {r['ours'] / r['floor']:.1f} | {mem_up_s} | {mem_ours_s} |"
-        )
-    lines += [
-        "",
-        f"Peak extra memory: peak RSS of one merge minus the RSS before it (output included), "
-        f"as a multiple of the output's size; target < {MEMORY_TARGET}x.",
-        "",
-        f"### LoRA-sized call: {N_TASKS} x [16, 4096] float32 (median of {reps_lora} calls, "
-        f"{reps_lora_upstream} for upstream)",
-        "",
-        "| strategy | upstream (us) | lorax_merge (us) | lorax_merge fastest (us) | speedup "
-        "| target | met |",
-        "|---|---:|---:|---:|---:|---:|:-:|",
-    ]
-    for r in lora_rows:
-        us_ours, us_up = r["ours"] * 1e6, r["upstream"] * 1e6
-        lines.append(
-            f"| {r['strategy']} | {us_up:.0f} | {us_ours:.1f} | {r['ours_min'] * 1e6:.1f} "
-            f"| {us_up / us_ours:.1f}x "
-            f"| < {LORA_TARGET_US:g} us | {verdict(us_ours < LORA_TARGET_US)} |"
-        )
-    lines += [
-        "",
-        f"Total benchmark time: {elapsed:.0f} s (large tensors {big_done - started:.0f} s, "
-        f"LoRA-sized {lora_done - big_done:.0f} s, memory {started + elapsed - lora_done:.0f} s).",
-    ]
-    text = "\n".join(lines)
+    return {
+        "level": info["cpu_capability"],
+        "tasks": N_TASKS,
+        "density": DENSITY,
+        "bandwidth_numel": BANDWIDTH_NUMEL,
+        "torch_level": torch.backends.cpu.get_cpu_capability(),
+        "version": info["version"],
+        "threads": torch.get_num_threads(),
+        "side": side,
+        "reps": [reps_big, max(3, reps_big - 2), reps_lora, reps_lora_upstream],
+        "bandwidth": bandwidth,
+        "load_before": load_before,
+        "big": rows,
+        "lora": lora_rows,
+        "memory": memory,
+        "seconds": [big_done - started, lora_done - big_done, time.perf_counter() - lora_done],
+    }
+
+
+def run_at_levels(levels: list[str], args: argparse.Namespace) -> dict:
+    """measure() in a fresh process per level, lorax_merge's and ATen's CPU level forced
+    alike (as on a machine that has no wider instructions); memory in the first only."""
+    results = {}
+    for i, level in enumerate(levels):
+        out = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_cpu_{os.getpid()}_{level}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--json-out", str(out)]
+        cmd += ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+        cmd += ["--skip-memory"] if i > 0 or args.skip_memory else []
+        env = dict(os.environ, LORAX_MERGE_CPU_CAPABILITY=level, ATEN_CPU_CAPABILITY=level)
+        print(f"level {level}:", file=sys.stderr, flush=True)
+        subprocess.run(cmd, env=env, check=True)
+        results[level] = json.loads(out.read_text())
+        out.unlink()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes and few runs (smoke test)"
+    )
+    parser.add_argument("--markdown-out", type=Path, help="also write the tables to this file")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
+    parser.add_argument(
+        "--cpu-capability",
+        metavar="LEVELS",
+        help="comma-separated CPU capability levels (default, avx2, avx512) or 'all' (every "
+        "level this machine runs): one run per level, lorax_merge and ATen forced to it, the "
+        "tables side by side. Default: one run at the level chosen at import",
+    )
+    parser.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-case",
+        nargs=4,
+        metavar=("IMPL", "STRATEGY", "DTYPE", "SIDE"),
+        help=argparse.SUPPRESS,
+    )
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
+
+    if args.memory_case:
+        impl, strategy, dtype_name, side = args.memory_case
+        print(json.dumps(memory_case(impl, strategy, dtype_name, int(side))))
+        return 0
+    if args.json_out:
+        args.json_out.write_text(json.dumps(measure(args)))
+        return 0
+    if args.cpu_capability:
+        from lorax_merge import _C
+
+        supported = _C.supported_cpu_capabilities()
+        wanted = args.cpu_capability.split(",")
+        levels = supported if wanted == ["all"] else wanted
+        unknown = [lv for lv in levels if lv not in supported]
+        if unknown:
+            parser.error(f"--cpu-capability: {unknown} not supported here; supported: {supported}")
+        results = run_at_levels(levels, args)
+    else:
+        result = measure(args)
+        results = {result["level"]: result}
+    text = report(results)
     print(text)
     if args.markdown_out:
         args.markdown_out.write_text(text + "\n")

@@ -201,13 +201,20 @@ void sample_bounds(const std::vector<key_t>& sample, int64_t hi_rank, int64_t lo
   const int64_t size = static_cast<int64_t>(sample.size());
   const bool has_hi = hi_rank >= 1, has_lo = lo_rank <= size;
   uint32_t counts[kBins] = {};
-  for (const key_t key : sample) ++counts[key >> kShift1];
-  // The first digits of the two keys, then the second digits, in one more pass.
-  const DigitPick first_hi = pick_digit_from_top(counts, kBins, has_hi ? hi_rank : 1);
-  const DigitPick first_lo = pick_digit_from_top(counts, kBins, has_lo ? lo_rank : size);
+  key_t largest = 0;
+  for (const key_t key : sample) {
+    ++counts[key >> kShift1];
+    largest = key > largest ? key : largest;
+  }
+  // The first digits of the two keys (the search starts at the largest key's digit, as the
+  // bins above it are empty), then the second digits, in one more pass.
+  const int64_t used_bins = static_cast<int64_t>(largest >> kShift1) + 1;
+  const DigitPick first_hi = pick_digit_from_top(counts, used_bins, has_hi ? hi_rank : 1);
+  const DigitPick first_lo = pick_digit_from_top(counts, used_bins, has_lo ? lo_rank : size);
   uint32_t second_hi[kBins2] = {}, second_lo[kBins2] = {};
   for (const key_t key : sample) {
     const int64_t digit = static_cast<int64_t>(key >> kShift1);
+    if (digit != first_hi.digit && digit != first_lo.digit) continue;  // most keys
     const uint32_t next = static_cast<uint32_t>((key >> kShift2) & (kBins2 - 1));
     second_hi[next] += digit == first_hi.digit;
     second_lo[next] += digit == first_lo.digit;
@@ -233,10 +240,10 @@ bool select_in_sampled_bracket(const LevelKernels& kernels, const scalar_t* x, i
                                const Chunking& chunks, MagnitudeThreshold* result) {
   using key_t = typename KeyTraits<scalar_t>::key_t;
   using stored_key_t = StoredKey<scalar_t>;
-  // A sample of one element in 16 (one per cache line of float32) up to 65536 elements:
-  // reading it costs little next to the scan, and the bracket narrows with its square
-  // root, which saves more in the copy and the resolution of the candidates.
-  const int64_t samples = std::clamp<int64_t>(n / 16, 1024, 65536);
+  // A sample of one element in 32, up to 65536 elements: the bracket narrows with the
+  // square root of its size, which saves work in the copy and the resolution of the
+  // candidates, until ordering the sample costs more than that.
+  const int64_t samples = std::clamp<int64_t>(n / 32, 1024, 65536);
   if (n < 16 * samples) return false;
   // Element floor(j * n / samples), stepped without a division per sample.
   std::vector<key_t> sample(static_cast<size_t>(samples));

@@ -91,13 +91,30 @@ inline void store_run(const acc_t* v, int64_t len, out_t* dst) {
 }
 
 // v[j] = acc_t(scalar_t(v[j])): a value rounded to the task dtype, as `tensor / density`
-// gives it.
+// gives it. A double becomes a 16-bit float through float, as c10's 16-bit types are
+// constructed from float.
 template <typename scalar_t, typename acc_t>
 inline void round_to_task_dtype(acc_t* v, int64_t len) {
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-    alignas(64) scalar_t rounded[kTile];
-    store_run(v, len, rounded);
-    load_run(rounded, len, v);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return;
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    for (int64_t j = 0; j < len; ++j) v[j] = static_cast<acc_t>(static_cast<float>(v[j]));
+  } else {
+    alignas(64) float narrowed[kTile];
+    float* f = narrowed;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      f = v;
+    } else {
+      for (int64_t j = 0; j < len; ++j) narrowed[j] = static_cast<float>(v[j]);
+    }
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      half_round_trip(f, len);
+    } else {
+      for (int64_t j = 0; j < len; ++j) f[j] = bfloat16_to_float(float_to_bfloat16(f[j]));
+    }
+    if constexpr (!std::is_same_v<acc_t, float>) {
+      for (int64_t j = 0; j < len; ++j) v[j] = static_cast<acc_t>(narrowed[j]);
+    }
   }
 }
 
@@ -146,19 +163,38 @@ inline void prune_by_magnitude(const scalar_t* x, const acc_t* xv, int64_t base,
   const int64_t cut_in_tile = threshold.cut - base;
   const int32_t cut =
       static_cast<int32_t>(cut_in_tile < 0 ? 0 : (cut_in_tile > len ? len : cut_in_tile));
-  auto prune = [&](auto key_of) {
+  // kTies: which elements whose key equals the threshold are kept: none (the tie cut lies
+  // before the tile), all (after it) or those before the cut (inside it: one tile a task).
+  auto prune = [&](auto key_of, auto ties) {
+    constexpr int kTies = decltype(ties)::value;
     for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) {
       const signed_key_t k = static_cast<signed_key_t>(key_of(x[j]));
-      const bool kept = (k > key) | ((k == key) & (j < cut));
+      bool kept;
+      if constexpr (kTies == 0) {
+        kept = k > key;
+      } else if constexpr (kTies == 1) {
+        kept = k >= key;
+      } else {
+        kept = (k > key) | ((k == key) & (j < cut));
+      }
       const acc_t value = xv[j], dropped = value * acc_t(0);  // the loop has no branch
       v[j] = kept ? value : dropped;
     }
   };
+  auto prune_ties = [&](auto key_of) {
+    if (cut_in_tile <= 0) {
+      prune(key_of, std::integral_constant<int, 0>{});
+    } else if (cut_in_tile >= len) {
+      prune(key_of, std::integral_constant<int, 1>{});
+    } else {
+      prune(key_of, std::integral_constant<int, 2>{});
+    }
+  };
   // Below kInf, a NaN's own bits compare like its key: the NaN fold can be left out.
   if (key < static_cast<signed_key_t>(Traits::kInf)) {
-    prune([](scalar_t e) { return Traits::raw_abs_bits(e); });
+    prune_ties([](scalar_t e) { return Traits::raw_abs_bits(e); });
   } else {
-    prune([](scalar_t e) { return magnitude_key(e); });
+    prune_ties([](scalar_t e) { return magnitude_key(e); });
   }
 }
 
@@ -176,8 +212,11 @@ inline void prune_randomly(const TileMerge& m, int64_t task, const acc_t* xv, in
   const uint64_t key = dare_stream_key(m.seed, static_cast<uint64_t>(m.first_stream + task));
   const int64_t num_pairs = (len + skip + 1) / 2;
   const uint64_t first_pair = static_cast<uint64_t>(first / 2);
-  for (int64_t p = 0; p < num_pairs; ++p) {
-    const uint64_t bits = dare_pair_bits(key, first_pair + p);
+  // dare_pair_bits(key, pair) is mix64(key + (pair + 1) * golden_gamma): the counter is
+  // stepped by addition, which vectorises without 64-bit multiplications.
+  uint64_t counter = key + (first_pair + 1) * kGoldenGamma;
+  for (int64_t p = 0; p < num_pairs; ++p, counter += kGoldenGamma) {
+    const uint64_t bits = mix64(counter);
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
     std::memcpy(words + 2 * p, &bits, sizeof(bits));  // low half first: one 64-bit store
 #else
@@ -222,10 +261,11 @@ struct TileState {
   alignas(64) acc_t neg_sum[kTile];
   alignas(64) acc_t neg_count[kTile];
 
-  // Adds tasks v[0], ..., v[N - 1] (weights w[0..N)), in that order; the first call of a
-  // tile (kFirst) starts from the empty state instead of reading it.
-  template <int N, bool kFirst>
-  void add(const acc_t* const* v, const acc_t* w, int64_t len) {
+  // Adds tasks v[0], ..., v[N - 1] (weights w[0..N)), in that order. The first call of a
+  // tile (kFirst) starts from the empty state instead of reading it; the last (kLast)
+  // writes the elements' results instead of the state.
+  template <int N, bool kFirst, bool kLast>
+  void add(const acc_t* const* v, const acc_t* w, int64_t len, acc_t* __restrict result) {
     const acc_t* __restrict v0 = v[0];
     const acc_t* __restrict v1 = v[N > 1 ? 1 : 0];
     const acc_t* __restrict v2 = v[N > 2 ? 2 : 0];
@@ -243,16 +283,15 @@ struct TileState {
       if constexpr (N > 1) add_elected<acc_t, E>(s, ps, pc, ns, nc, v1[j], w[1]);
       if constexpr (N > 2) add_elected<acc_t, E>(s, ps, pc, ns, nc, v2[j], w[2]);
       if constexpr (N > 3) add_elected<acc_t, E>(s, ps, pc, ns, nc, v3[j], w[3]);
-      score[j] = s;
-      pos_sum[j] = ps;
-      pos_count[j] = pc;
-      neg_sum[j] = ns;
-      neg_count[j] = nc;
-    }
-  }
-  void finish(acc_t* result, int64_t len) const {
-    for (int64_t j = 0; j < len; ++j) {
-      result[j] = elected_result(score[j], pos_sum[j], pos_count[j], neg_sum[j], neg_count[j]);
+      if constexpr (kLast) {
+        result[j] = elected_result(s, ps, pc, ns, nc);
+      } else {
+        score[j] = s;
+        pos_sum[j] = ps;
+        pos_count[j] = pc;
+        neg_sum[j] = ns;
+        neg_count[j] = nc;
+      }
     }
   }
 };
@@ -261,8 +300,8 @@ template <typename acc_t>
 struct TileState<acc_t, SignElection::kNone> {
   alignas(64) acc_t sum[kTile];
 
-  template <int N, bool kFirst>
-  void add(const acc_t* const* v, const acc_t* w, int64_t len) {
+  template <int N, bool kFirst, bool kLast>
+  void add(const acc_t* const* v, const acc_t* w, int64_t len, acc_t* __restrict result) {
     const acc_t* __restrict v0 = v[0];
     const acc_t* __restrict v1 = v[N > 1 ? 1 : 0];
     const acc_t* __restrict v2 = v[N > 2 ? 2 : 0];
@@ -273,27 +312,38 @@ struct TileState<acc_t, SignElection::kNone> {
       if constexpr (N > 1) s += v1[j] * w[1];
       if constexpr (N > 2) s += v2[j] * w[2];
       if constexpr (N > 3) s += v3[j] * w[3];
-      sum[j] = s;
+      if constexpr (kLast) {
+        result[j] = s;
+      } else {
+        sum[j] = s;
+      }
     }
-  }
-  void finish(acc_t* result, int64_t len) const {
-    for (int64_t j = 0; j < len; ++j) result[j] = sum[j];
   }
 };
 
-template <bool kFirst, typename State, typename acc_t>
+template <bool kFirst, bool kLast, typename State, typename acc_t>
 inline void add_block(State& state, int count, const acc_t* const* values, const acc_t* weights,
-                      int64_t len) {
+                      int64_t len, acc_t* result) {
   switch (count) {
     case 4:
-      return state.template add<4, kFirst>(values, weights, len);
+      return state.template add<4, kFirst, kLast>(values, weights, len, result);
     case 3:
-      return state.template add<3, kFirst>(values, weights, len);
+      return state.template add<3, kFirst, kLast>(values, weights, len, result);
     case 2:
-      return state.template add<2, kFirst>(values, weights, len);
+      return state.template add<2, kFirst, kLast>(values, weights, len, result);
     default:
-      return state.template add<1, kFirst>(values, weights, len);
+      return state.template add<1, kFirst, kLast>(values, weights, len, result);
   }
+}
+
+// One block of tasks into the tile's state (or, for the last block, its results).
+template <typename State, typename acc_t>
+inline void add_block(State& state, bool first, bool last, int count, const acc_t* const* values,
+                      const acc_t* weights, int64_t len, acc_t* result) {
+  if (first && last) return add_block<true, true>(state, count, values, weights, len, result);
+  if (first) return add_block<true, false>(state, count, values, weights, len, result);
+  if (last) return add_block<false, true>(state, count, values, weights, len, result);
+  add_block<false, false>(state, count, values, weights, len, result);
 }
 
 template <typename scalar_t, typename acc_t, SignElection E>
@@ -301,6 +351,7 @@ void merge_tiles_typed(const TileMerge& m, int64_t tile_begin, int64_t tile_end)
   const acc_t density = static_cast<acc_t>(static_cast<typename OpMath<scalar_t>::type>(m.density));
   TileState<acc_t, E> state;
   alignas(64) acc_t pruned[kTaskBlock][kTile];
+  alignas(64) acc_t result[kTile];
   const acc_t* values[kTaskBlock];
   acc_t weights[kTaskBlock];
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
@@ -322,14 +373,10 @@ void merge_tiles_typed(const TileMerge& m, int64_t tile_begin, int64_t tile_end)
           values[b] = pruned[b];
         }
       }
-      if (first == 0) {
-        add_block<true>(state, count, values, weights, len);
-      } else {
-        add_block<false>(state, count, values, weights, len);
-      }
+      add_block(state, first == 0, first + count == m.num_tasks, count, values, weights, len,
+                result);
     }
-    state.finish(pruned[0], len);
-    store_tile(m.out_type, pruned[0], len, m.out, base);
+    store_tile(m.out_type, result, len, m.out, base);
   }
 }
 
