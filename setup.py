@@ -34,11 +34,13 @@ from torch.utils import cpp_extension  # noqa: E402
 
 DEFAULT_ARCHS = "8.0;9.0+PTX"  # sm_80 and sm_90 machine code, PTX for newer GPUs
 
-# CPU capability levels (csrc/cpu/capability.h): the kernels of LEVEL_SOURCE are compiled once
+# CPU capability levels (csrc/cpu/capability.h): the kernels of LEVEL_SOURCES are compiled once
 # per level, with its instruction sets, into the namespace lorax_merge::cpu::<level>; the best
 # level the running CPU supports is chosen at load time. FMA may be used by the compiler's
 # vectoriser but never contracts a*b+c (-ffp-contract=off), so every level rounds alike.
-LEVEL_SOURCE = "csrc/cpu/kernels/level_kernels.cpp"
+# The merges' kernels, and the gradients' in a translation unit of their own (so that neither
+# changes how the compiler inlines the other).
+LEVEL_SOURCES = ["csrc/cpu/kernels/level_kernels.cpp", "csrc/cpu/kernels/grad_level_kernels.cpp"]
 _AVX2 = ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mpopcnt"]
 X86_64_LEVELS = {
     "DEFAULT": [],
@@ -95,7 +97,7 @@ def extension():
         cpu_arch = ""
     link = ["-fopenmp"] if openmp else []
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + [LEVEL_SOURCE])
+    depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + LEVEL_SOURCES)
     with_cuda = cuda_wanted()
     define_macros = [
         ("LM_WITH_CUDA", "1" if with_cuda else "0"),
@@ -148,7 +150,7 @@ class BuildExtension(cpp_extension.BuildExtension):
         for level, flags in cpu_levels().items():
             level_flags = cxx + flags + ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
             level_objects += self.compiler.compile(
-                [LEVEL_SOURCE],
+                LEVEL_SOURCES,
                 output_dir=os.path.join(self.build_temp, f"cpu_{level}"),
                 macros=ext.define_macros + [("CPU_CAPABILITY", level)],
                 include_dirs=ext.include_dirs,

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import CPU_CAPABILITIES, DEVICES
 from grad_reference import reference_gradients, weight_gradient_tolerance
 from helpers import (
     ALL_DTYPES,
@@ -29,7 +29,7 @@ from helpers import (
 from reference import magnitude_keep_mask
 
 import lorax_merge
-from lorax_merge import strategy_registry, utils
+from lorax_merge import _C, strategy_registry, utils
 
 ops = torch.ops.lorax_merge
 SEED = 7
@@ -309,6 +309,30 @@ def test_bit_identical_across_backwards_and_thread_counts(strategy):
         assert_same_bits(w_grad, results[0][1], f"{strategy} weights")
         for got, first in zip(task_grads, results[0][0]):
             assert_same_bits(got, first, f"{strategy} tasks")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_cpu_level_gives_the_same_bits(strategy, dtype):
+    """The gradient kernels of every CPU capability level this machine runs agree bit for bit
+    (vector bodies, tails and 16-bit conversions), NaN and Inf included."""
+    tasks = make_tasks(3, (37, 129), dtype, seed=26)
+    tasks[0][1, 2], tasks[2][30, 100] = math.inf, math.nan
+    weights = torch.tensor([0.7, -0.2, 1.3])
+    grad_out = torch.randn(37, 129, generator=torch.Generator().manual_seed(9))
+    previous = _C.cpu_capability()
+    results = {}
+    try:
+        for level in CPU_CAPABILITIES:
+            _C._set_cpu_capability(level)
+            results[level] = _merge_grads(tasks, weights, grad_out, strategy, 0.3)[:2]
+    finally:
+        _C._set_cpu_capability(previous)
+    first_tasks, first_w = results[CPU_CAPABILITIES[0]]
+    for level, (task_grads, w_grad) in results.items():
+        assert_same_bits(w_grad, first_w, f"{strategy} weights at {level}")
+        for got, expected in zip(task_grads, first_tasks):
+            assert_same_bits(got, expected, f"{strategy} tasks at {level}")
 
 
 def test_weight_gradient_is_accurate_on_a_large_tensor():

@@ -153,7 +153,9 @@ struct MergeAccumulator<acc_t, SignElection::kNone> {
 //   d w_i  += share_i * v_i
 // where r() rounds to the task dtype: autograd casts the gradient of the task-dtype pruned
 // tensor to that dtype before the division by the density, as the forward rounds x / d. A
-// dropped entry's gradient is multiplied by 0, not replaced by 0, as tensor * mask is.
+// dropped entry's gradient is multiplied by 0, not replaced by 0, as tensor * mask is. The
+// kernels round (and store, NaN canonical as every result) in their own way: value_gradient,
+// r(), masked_gradient, r().
 
 // The elected share of the incoming gradient (before the election bit).
 template <typename acc_t>
@@ -167,12 +169,18 @@ LM_HOST_DEVICE acc_t task_share(acc_t share, bool selected) {
   return share * (selected ? acc_t(1) : acc_t(0));
 }
 
-template <typename scalar_t, typename acc_t>
-LM_HOST_DEVICE scalar_t task_gradient(acc_t share, acc_t w, bool kept, bool rescale,
-                                      acc_t density) {
-  const acc_t grad_v = static_cast<acc_t>(static_cast<scalar_t>(share * w));
-  const acc_t kept_grad = rescale ? grad_v / density : grad_v;
-  return static_cast<scalar_t>(kept ? kept_grad : grad_v * acc_t(0));
+// The gradient of a task's pruned value: share * w, before it is rounded to the task dtype.
+template <typename acc_t>
+LM_HOST_DEVICE acc_t value_gradient(acc_t share, acc_t w) {
+  return share * w;
+}
+
+// A task's gradient from its value gradient rounded to the task dtype: divided by the
+// density where kept with DARE's rescale, multiplied by 0 where dropped.
+template <typename acc_t>
+LM_HOST_DEVICE acc_t masked_gradient(acc_t rounded, bool kept, bool rescale, acc_t density) {
+  const acc_t kept_grad = rescale ? rounded / density : rounded;
+  return kept ? kept_grad : rounded * acc_t(0);
 }
 
 template <typename acc_t>
@@ -180,12 +188,8 @@ LM_HOST_DEVICE acc_t weight_gradient_term(acc_t share, acc_t v) {
   return share * v;
 }
 
-// Gradient of the stacked disjoint merge sum(mask ? x : x * 0) / max(count, 1) w.r.t. one
-// entry: g / max(count, 1) rounded to the stacked dtype, times its mask bit.
-template <typename scalar_t, typename acc_t>
-LM_HOST_DEVICE scalar_t disjoint_merge_gradient(acc_t g, acc_t count, bool selected) {
-  const acc_t share = static_cast<acc_t>(static_cast<scalar_t>(elected_share(g, count)));
-  return static_cast<scalar_t>(task_share(share, selected));
-}
+// The stacked disjoint merge sum(mask ? x : x * 0) / max(count, 1) has, w.r.t. one entry, the
+// gradient r(elected_share(g, count)) times its mask bit (task_share), r() rounding to the
+// stacked dtype.
 
 }  // namespace lorax_merge

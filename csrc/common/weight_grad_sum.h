@@ -10,27 +10,35 @@
 //     lane 0 is the chunk's sum;
 //   * the chunk sums, converted to double, are added as a pairwise tree: level by level, node k
 //     is the sum of nodes 2k and 2k + 1, and an odd last node passes up unchanged.
-// A run of 2^L consecutive chunks starting at a multiple of 2^L is a whole subtree of that tree,
-// so a thread may reduce such a run on its own (the CPU does, kGradChunksPerBlock at a time).
 #pragma once
 
 #include <cstdint>
 
 #include "macros.h"
 
+// Always inlined, also on the host: the CPU's level kernels (cpu/kernels/) must not share an
+// out-of-line copy compiled for a wider instruction set with other levels.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LM_GRAD_SUM_INLINE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define LM_GRAD_SUM_INLINE inline __attribute__((always_inline))
+#else
+#define LM_GRAD_SUM_INLINE inline
+#endif
+
 namespace lorax_merge {
 
 constexpr int kGradLanes = 256;
 constexpr int kGradLaneSteps = 8;
 constexpr int64_t kGradChunk = int64_t(kGradLanes) * kGradLaneSteps;
-constexpr int64_t kGradChunksPerBlock = 16;  // a power of two
+constexpr int64_t kGradChunksPerBlock = 16;  // chunks per unit of CPU work
 
-LM_HOST_DEVICE int64_t grad_chunks(int64_t numel) {
+LM_GRAD_SUM_INLINE int64_t grad_chunks(int64_t numel) {
   return (numel + kGradChunk - 1) / kGradChunk;
 }
 
 // Pairwise tree sum of values[0 .. n), in place (values is overwritten).
-LM_HOST_DEVICE double pairwise_tree_sum(double* values, int64_t n) {
+LM_GRAD_SUM_INLINE double pairwise_tree_sum(double* values, int64_t n) {
   if (n == 0) return 0.0;
   while (n > 1) {
     const int64_t pairs = n / 2;
@@ -43,7 +51,7 @@ LM_HOST_DEVICE double pairwise_tree_sum(double* values, int64_t n) {
 
 // Folds lane sums by halving; lane[0] is the sum afterwards.
 template <typename acc_t>
-LM_HOST_DEVICE acc_t fold_lanes(acc_t* lane) {
+LM_GRAD_SUM_INLINE acc_t fold_lanes(acc_t* lane) {
   for (int s = kGradLanes / 2; s >= 1; s /= 2) {
     for (int l = 0; l < s; ++l) lane[l] += lane[l + s];
   }

@@ -145,6 +145,19 @@ const LevelKernels& active_kernels() {
   return kernels_of(active_capability());
 }
 
+const GradLevelKernels& active_grad_kernels() {
+  switch (active_capability()) {
+#if LM_CPU_X86_LEVELS
+    case CpuCapability::kAvx2:
+      return AVX2::kGradLevelKernels;
+    case CpuCapability::kAvx512:
+      return AVX512::kGradLevelKernels;
+#endif
+    default:
+      return DEFAULT::kGradLevelKernels;
+  }
+}
+
 void set_active_capability(const std::string& name) {
   const CpuCapability level = parse_supported(name, "cpu capability");
   std::lock_guard<std::mutex> lock(g_choose);

@@ -39,6 +39,7 @@ CpuCapability active_capability();
 
 // The kernels of the level in use.
 const LevelKernels& active_kernels();
+const GradLevelKernels& active_grad_kernels();
 
 // Switches to another supported level (tests and benchmarks compare the levels in one
 // process). Raises ValueError, naming the supported levels, for any other name.

@@ -12,6 +12,7 @@
 
 #include "../common/keys.h"
 #include "../common/merge_rule.h"
+#include "../common/weight_grad_sum.h"
 
 namespace lorax_merge {
 namespace cpu {
@@ -47,6 +48,40 @@ struct TileMerge {
 
   int64_t num_tiles() const { return (numel + kTile - 1) / kTile; }
 };
+
+// Gradient blocks: runs of kGradChunksPerBlock chunks (common/weight_grad_sum.h), the unit of
+// work of one call.
+constexpr int64_t kGradBlock = kGradChunk * kGradChunksPerBlock;
+
+// One merge's backward, resolved on the host: what the gradient kernel reads and writes.
+struct TileGrad {
+  const void* const* tasks = nullptr;              // num_tasks contiguous tensors of task_type
+  void* const* task_grads = nullptr;               // num_tasks outputs of task_type, or nullptr
+  const double* weights = nullptr;                 // num_tasks
+  const MagnitudeThreshold* thresholds = nullptr;  // num_tasks, for magnitude pruning
+  int64_t num_tasks = 0;
+  int64_t numel = 0;
+  ElementType task_type = ElementType::kFloat;
+  ElementType grad_type = ElementType::kFloat;  // the merge result's dtype
+  bool wide = false;  // accumulate in double (float64 tasks or result), else in float
+  SignElection election = SignElection::kNone;
+  Pruning pruning = Pruning::kNone;  // kNone when nothing is pruned (density >= 1)
+  bool rescale = false;
+  double density = 1.0;
+  uint64_t seed = 0;           // task i draws from random stream i
+  uint32_t keep_bound = 0;     // random pruning keeps an element iff its word < keep_bound
+  int64_t index_offset = 0;    // flat index of element 0, as in TileMerge
+  const void* grad = nullptr;  // numel elements of grad_type: the gradient of the result
+  // [num_tasks][grad_chunks(numel)]: each chunk's weight-gradient sum, or nullptr
+  double* chunk_sums = nullptr;
+
+  int64_t num_blocks() const { return (numel + kGradBlock - 1) / kGradBlock; }
+};
+
+// Bytes of scratch one call of merge_grad_blocks needs for a merge of num_tasks tasks.
+constexpr int64_t grad_scratch_bytes(int64_t num_tasks) {
+  return num_tasks * (kTile * 8 + kGradLanes * 8 + kTile);
+}
 
 // Room the bracket scan needs beyond its capacity (the widest vector, in 32-bit lanes).
 constexpr int64_t kCandidateSlack = 16;
@@ -98,17 +133,34 @@ struct LevelKernels {
                          int64_t positions, int64_t begin, int64_t end, void* out);
 };
 
-// Each level's table, defined in kernels/level_kernels.cpp compiled for that level.
+// The gradient kernels of one capability level (kernels/grad_level_kernels.cpp).
+struct GradLevelKernels {
+  // Blocks [block_begin, block_end) of one merge's backward: the task gradients, and the
+  // weight-gradient sum of every chunk of those blocks (common/weight_grad_sum.h's order
+  // inside a chunk). `scratch` holds grad_scratch_bytes(num_tasks) bytes, 64-byte aligned.
+  void (*merge_grad_blocks)(const TileGrad& grad, int64_t block_begin, int64_t block_end,
+                            void* scratch);
+  // disjoint_merge's gradient over positions [begin, end): out[i][j] = grad[j] / count[j],
+  // rounded to the stacked dtype `type`, times mask[i][j]; grad in float (double for double).
+  void (*disjoint_merge_grad)(ElementType type, const void* grad, const bool* mask, int64_t n,
+                              int64_t positions, int64_t begin, int64_t end, void* out);
+};
+
+// Each level's tables, defined in kernels/level_kernels.cpp and kernels/grad_level_kernels.cpp
+// compiled for that level.
 namespace DEFAULT {
 extern const LevelKernels kLevelKernels;
-}
+extern const GradLevelKernels kGradLevelKernels;
+}  // namespace DEFAULT
 #if LM_CPU_X86_LEVELS
 namespace AVX2 {
 extern const LevelKernels kLevelKernels;
-}
+extern const GradLevelKernels kGradLevelKernels;
+}  // namespace AVX2
 namespace AVX512 {
 extern const LevelKernels kLevelKernels;
-}
+extern const GradLevelKernels kGradLevelKernels;
+}  // namespace AVX512
 #endif
 
 }  // namespace cpu

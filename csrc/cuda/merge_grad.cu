@@ -6,8 +6,11 @@
 // task gradients and adds its weight-gradient terms in order; the block folds the lane sums by
 // halving, as the CPU does (weight_grad_sum.h), and a second launch adds the chunk sums in the
 // fixed pairwise tree. No atomics: the bits do not depend on scheduling.
+#include <type_traits>
+
 #include <c10/cuda/CUDAException.h>
 
+#include "../common/canonical_nan.h"
 #include "../common/counter_rng.h"
 #include "device_utils.cuh"
 #include "grad_launch.h"
@@ -34,19 +37,10 @@ struct GradParams {
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t load_as(const void* p, int32_t dtype, int64_t j) {
-  switch (static_cast<Dtype>(dtype)) {
-    case Dtype::kHalf:
-      return static_cast<acc_t>(static_cast<const c10::Half*>(p)[j]);
-    case Dtype::kBFloat16:
-      return static_cast<acc_t>(static_cast<const c10::BFloat16*>(p)[j]);
-    case Dtype::kDouble:
-      return static_cast<acc_t>(static_cast<const double*>(p)[j]);
-    default:
-      return static_cast<acc_t>(static_cast<const float*>(p)[j]);
-  }
+  return LM_DISPATCH_DTYPE(static_cast<Dtype>(dtype), grad_t,
+                           [&] { return static_cast<acc_t>(static_cast<const grad_t*>(p)[j]); });
 }
 
-// One task's keep rule, resolved once per thread.
 template <typename scalar_t>
 struct TaskKeep {
   Pruning pruning;
@@ -152,7 +146,10 @@ __global__ void __launch_bounds__(kGradLanes)
         if constexpr (kElects) {
           s = task_share(share[k], agrees_with_majority(v, ((positive >> k) & 1u) != 0));
         }
-        if (dx != nullptr) dx[j] = task_gradient<scalar_t, acc_t>(s, w, kept, rescale, density);
+        if (dx != nullptr) {
+          const acc_t rounded = static_cast<acc_t>(static_cast<scalar_t>(value_gradient(s, w)));
+          dx[j] = output_value<scalar_t>(masked_gradient(rounded, kept, rescale, density));
+        }
         sum += weight_gradient_term(s, v);
       }
     }
@@ -202,30 +199,10 @@ __global__ void __launch_bounds__(kTreeThreads)
 template <typename scalar_t, typename acc_t>
 void launch_typed(const GradLaunch& launch, const GradParams& params, cudaStream_t stream) {
   const unsigned int blocks = static_cast<unsigned int>(launch.num_blocks);
-  switch (launch.election) {
-    case SignElection::kTotal:
-      merge_backward_kernel<scalar_t, acc_t, SignElection::kTotal>
-          <<<blocks, kGradLanes, 0, stream>>>(params);
-      break;
-    case SignElection::kFrequency:
-      merge_backward_kernel<scalar_t, acc_t, SignElection::kFrequency>
-          <<<blocks, kGradLanes, 0, stream>>>(params);
-      break;
-    default:
-      merge_backward_kernel<scalar_t, acc_t, SignElection::kNone>
-          <<<blocks, kGradLanes, 0, stream>>>(params);
-      break;
-  }
+  LM_DISPATCH_ELECTION(launch.election, E, [&] {
+    merge_backward_kernel<scalar_t, acc_t, E><<<blocks, kGradLanes, 0, stream>>>(params);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename scalar_t>
-void launch_acc(const GradLaunch& launch, const GradParams& params, cudaStream_t stream) {
-  if (launch.wide_acc) {
-    launch_typed<scalar_t, double>(launch, params, stream);
-  } else {
-    launch_typed<scalar_t, float>(launch, params, stream);
-  }
 }
 
 template <typename scalar_t>
@@ -239,10 +216,10 @@ __global__ void __launch_bounds__(256)
        j += stride) {
     acc_t count = acc_t(0);
     for (int64_t i = 0; i < rows; ++i) count += mask[i * positions + j] ? acc_t(1) : acc_t(0);
-    const acc_t g = grad[j];
+    // The share rounded to the stacked dtype, as autograd rounds the upstream expression's.
+    const acc_t share = static_cast<acc_t>(static_cast<scalar_t>(elected_share(grad[j], count)));
     for (int64_t i = 0; i < rows; ++i) {
-      out[i * positions + j] =
-          disjoint_merge_gradient<scalar_t, acc_t>(g, count, mask[i * positions + j]);
+      out[i * positions + j] = output_value<scalar_t>(task_share(share, mask[i * positions + j]));
     }
   }
 }
@@ -274,20 +251,15 @@ void launch_merge_backward(const GradLaunch& launch, cudaStream_t stream) {
   params.pruning = static_cast<int32_t>(launch.pruning);
   params.rescale = launch.rescale;
   memcpy(params.table_inline, launch.table_inline, sizeof(params.table_inline));
-  switch (launch.task_dtype) {
-    case Dtype::kFloat:
-      launch_acc<float>(launch, params, stream);
-      break;
-    case Dtype::kHalf:
-      launch_acc<c10::Half>(launch, params, stream);
-      break;
-    case Dtype::kBFloat16:
-      launch_acc<c10::BFloat16>(launch, params, stream);
-      break;
-    case Dtype::kDouble:
-      launch_typed<double, double>(launch, params, stream);
-      break;
-  }
+  LM_DISPATCH_DTYPE(launch.task_dtype, scalar_t, [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      launch_typed<double, double>(launch, params, stream);  // float64 tasks: always float64
+    } else if (launch.wide_acc) {
+      launch_typed<scalar_t, double>(launch, params, stream);
+    } else {
+      launch_typed<scalar_t, float>(launch, params, stream);
+    }
+  });
   if (launch.chunk_sums != nullptr) {
     weight_grad_tree_kernel<<<static_cast<unsigned int>(launch.num_groups), kTreeThreads, 0,
                               stream>>>(params, launch.total_chunk_slots);
@@ -298,20 +270,9 @@ void launch_merge_backward(const GradLaunch& launch, cudaStream_t stream) {
 void launch_disjoint_merge_backward(Dtype dtype, const void* grad, const bool* mask, void* out,
                                     int64_t rows, int64_t positions, cudaStream_t stream) {
   if (positions == 0 || rows == 0) return;
-  switch (dtype) {
-    case Dtype::kFloat:
-      disjoint_backward_typed<float>(grad, mask, out, rows, positions, stream);
-      break;
-    case Dtype::kHalf:
-      disjoint_backward_typed<c10::Half>(grad, mask, out, rows, positions, stream);
-      break;
-    case Dtype::kBFloat16:
-      disjoint_backward_typed<c10::BFloat16>(grad, mask, out, rows, positions, stream);
-      break;
-    case Dtype::kDouble:
-      disjoint_backward_typed<double>(grad, mask, out, rows, positions, stream);
-      break;
-  }
+  LM_DISPATCH_DTYPE(dtype, scalar_t, [&] {
+    disjoint_backward_typed<scalar_t>(grad, mask, out, rows, positions, stream);
+  });
 }
 
 }  // namespace cuda
