@@ -98,9 +98,9 @@ at::Tensor new_disjoint_merge_grad(const at::Tensor& grad, const at::Tensor& mas
 
 namespace {
 
-// Autograd kernel of merge_out and merge_slice_out: torch's out= ops do not support automatic
-// differentiation, and neither do these. Boxed, so it fits whatever C++ signature the device
-// kernels have.
+// Autograd kernel of merge_out, merge_slice_out and lora_delta_out: torch's out= ops do not
+// support automatic differentiation, and neither do these. Boxed, so it fits whatever C++
+// signature the device kernels have.
 void refuse_gradients_of_out_op(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   if (c10::GradMode::is_enabled()) {
     const auto& schema = op.schema();
@@ -116,9 +116,10 @@ void refuse_gradients_of_out_op(const c10::OperatorHandle& op, torch::jit::Stack
         }
       }
     }
-    TORCH_CHECK(!requires_grad,
-                "lorax_merge: merge(..., out=...) does not support automatic differentiation, but "
-                "one of the arguments requires grad; merge without out= to get gradients");
+    TORCH_CHECK(!requires_grad, op.schema().name(),
+                " writes into out= and, as torch's out= ops, does not support automatic "
+                "differentiation, but one of the arguments requires grad (for gradients, merge "
+                "without out=)");
   }
   at::AutoDispatchBelowADInplaceOrView guard;
   op.callBoxed(stack);
@@ -137,6 +138,8 @@ TORCH_LIBRARY_FRAGMENT(lorax_merge, m) {
 TORCH_LIBRARY_IMPL(lorax_merge, Autograd, m) {
   m.impl("merge_out", torch::CppFunction::makeFromBoxedFunction<&refuse_gradients_of_out_op>());
   m.impl("merge_slice_out",
+         torch::CppFunction::makeFromBoxedFunction<&refuse_gradients_of_out_op>());
+  m.impl("lora_delta_out",
          torch::CppFunction::makeFromBoxedFunction<&refuse_gradients_of_out_op>());
   // Masks and selection thresholds carry no gradient.
   m.impl("majority_sign_mask", torch::CppFunction::makeFallthrough());

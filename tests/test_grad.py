@@ -439,6 +439,9 @@ def test_merge_out_refuses_inputs_that_require_grad():
         )
     with pytest.raises(RuntimeError, match="does not support automatic differentiation"):
         ops.merge_slice_out(tasks, torch.ones(2), "none", "none", 1.0, False, 0, 0, None, out)
+    lora_a, lora_b = torch.randn(2, 4, requires_grad=True), torch.randn(4, 2)
+    with pytest.raises(RuntimeError, match="does not support automatic differentiation"):
+        ops.lora_delta_out(lora_a, lora_b, 0.5, 0, out)
     with torch.no_grad():
         assert lorax_merge.merge(tasks, [1.0, 2.0], "linear", out=out) is out
     assert torch.equal(out, tasks[0].detach() + 2 * tasks[1].detach())

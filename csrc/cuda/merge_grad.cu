@@ -37,8 +37,10 @@ struct GradParams {
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t load_as(const void* p, int32_t dtype, int64_t j) {
-  return LM_DISPATCH_DTYPE(static_cast<Dtype>(dtype), grad_t,
-                           [&] { return static_cast<acc_t>(static_cast<const grad_t*>(p)[j]); });
+  acc_t value = acc_t(0);
+  LM_DISPATCH_DTYPE(static_cast<Dtype>(dtype), grad_t,
+                    [&] { value = static_cast<acc_t>(static_cast<const grad_t*>(p)[j]); });
+  return value;
 }
 
 template <typename scalar_t>
