@@ -170,9 +170,15 @@ def test_strategies_match_the_reference_at_every_level(cpu_capability, strategy,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kind", ["normal", "tie_heavy"])
+@pytest.mark.parametrize("kind", ["normal", "tie_heavy", "column scales"])
 def test_magnitude_selection_is_exact_at_every_level(cpu_capability, dtype, kind):
-    x = make_tasks(1, (40_009,), dtype, kind, seed=13)[0]
+    if kind == "column scales":  # a LoRA B factor: each rank column at its own scale
+        x = (
+            torch.randn(4096, 16, generator=torch.Generator().manual_seed(13))
+            * 1.5 ** torch.arange(16)
+        ).to(dtype)
+    else:
+        x = make_tasks(1, (40_009,), dtype, kind, seed=13)[0]
     for density in (0.001, 0.37, 0.999):
         kept = utils.prune(x, density, "magnitude") == x
         visible = ~torch.isnan(x) & (x != 0)  # a dropped zero looks kept
