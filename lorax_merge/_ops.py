@@ -6,6 +6,10 @@ The fake (meta) kernels describe output shapes and dtypes only, so the ops trace
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
@@ -22,6 +26,25 @@ def cpu_capability() -> str:
     """The CPU kernels' capability level in use: the best this CPU supports, or the one
     ``LORAX_MERGE_CPU_CAPABILITY`` names (read when the library is imported)."""
     return _C.cpu_capability()
+
+
+# The ops' derivatives are registered from Python (_autograd.py), so every call passes through a
+# Python autograd kernel, a few microseconds even when nothing requires grad. Callers that know
+# their result records no gradient call the op below the autograd key instead.
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
+
+
+def call(op: Callable[..., Any], *args: Any, records_gradient: bool) -> Any:
+    """``op(*args)``; below the autograd key when ``records_gradient`` is false.
+
+    ``records_gradient`` must be true whenever grad mode is on and an argument requires
+    grad: the autograd kernel is what builds the graph (and what refuses such arguments to
+    an out= op). Under ``torch.compile`` the op is always called as it is.
+    """
+    if records_gradient or torch.compiler.is_compiling():
+        return op(*args)
+    with _below_autograd():
+        return op(*args)
 
 
 def _fake_kernel(kernel):

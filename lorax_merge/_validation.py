@@ -46,6 +46,9 @@ def check_name(value: object, choices: Sequence[str], arg: str, what: str) -> st
 
 def check_strategy(strategy: object, space: Space = "factor") -> StrategySpec:
     """The table row of a strategy name that merges in ``space``."""
+    spec = STRATEGIES.get(strategy) if isinstance(strategy, str) else None
+    if spec is not None and spec.space == space:
+        return spec
     return STRATEGIES[check_name(strategy, strategy_names(space=space), "strategy", "strategy")]
 
 
@@ -77,7 +80,10 @@ def check_float_tensor(t: object, arg: str) -> torch.Tensor:
 
 def check_task_tensors(task_tensors: object, arg: str = "task_tensors") -> list[torch.Tensor]:
     """A non-empty sequence of float tensors as a list; the op checks that they agree."""
-    if isinstance(task_tensors, torch.Tensor) or not isinstance(task_tensors, Sequence):
+    # list and tuple first: the Sequence ABC check costs more than the rest of this function.
+    if type(task_tensors) not in (list, tuple) and (
+        isinstance(task_tensors, torch.Tensor) or not isinstance(task_tensors, Sequence)
+    ):
         raise TypeError(f"{arg} must be a sequence of tensors, got {type(task_tensors).__name__}")
     tasks = list(task_tensors)
     if not tasks:
@@ -102,6 +108,9 @@ def in_task_dtype(tasks: list[torch.Tensor]) -> list[torch.Tensor]:
     The kernels read one dtype, so each narrower task is read through a converted copy (the
     conversion is exact); tasks already in the common dtype are passed as they are.
     """
+    first = tasks[0].dtype
+    if all(t.dtype == first for t in tasks):
+        return tasks
     dtype = task_dtype(tasks)
     return [t if t.dtype == dtype else t.to(dtype) for t in tasks]
 

@@ -90,19 +90,20 @@ def merge(
     if plan.is_random and density < 1:
         kernel_seed = op_seed(seed_or_drawn(seed))
     args = (tasks, w, plan.pruning, election, density, plan.rescale, kernel_seed)
+    records = _records_gradient(tasks, w)
     if out is not None:
-        _ops.ops.merge_out(*args, out)
+        _ops.call(_ops.ops.merge_out, *args, out, records_gradient=records)
         return out
-    if plan.pruning == "magnitude" and density < 1 and _records_gradient(tasks, w):
+    if plan.pruning == "magnitude" and density < 1 and records:
         # Selected once here and saved by autograd, so the backward does not select again.
         thresholds = _ops.ops.magnitude_thresholds(tasks, density)
         return _ops.ops.merge_with_thresholds(*args, 0, thresholds, dtype)
-    return _ops.ops.merge(*args, dtype)
+    return _ops.call(_ops.ops.merge, *args, dtype, records_gradient=records)
 
 
-def _records_gradient(tasks: list[torch.Tensor], weights: torch.Tensor) -> bool:
+def _records_gradient(tasks: Sequence[torch.Tensor], *weights: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (
-        weights.requires_grad or any(t.requires_grad for t in tasks)
+        any(w.requires_grad for w in weights) or any(t.requires_grad for t in tasks)
     )
 
 
@@ -203,7 +204,8 @@ def merge_many(
             flat_weights = group_weights[0].to(torch.float64).repeat(len(members))
         else:
             flat_weights = torch.cat([group_weights[i].to(torch.float64) for i in members])
-        outs = _ops.ops.merge_many(
+        outs = _ops.call(
+            _ops.ops.merge_many,
             flat,
             [len(groups[i]) for i in members],
             flat_weights,
@@ -213,6 +215,7 @@ def merge_many(
             plan.rescale,
             [seeds[i] for i in members],
             dtype,
+            records_gradient=_records_gradient(flat, flat_weights),
         )
         for i, o in zip(members, outs):
             results[i] = o

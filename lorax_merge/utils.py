@@ -39,12 +39,12 @@ def prune(
     method = check_prune_method(method)
     if density >= 1:
         return tensor
+    records = torch.is_grad_enabled() and tensor.requires_grad
     if method == "magnitude":
-        return _ops.ops.magnitude_prune(tensor, density)
+        return _ops.call(_ops.ops.magnitude_prune, tensor, density, records_gradient=records)
     seed = seed_or_drawn(check_seed(seed))
-    return _ops.ops.random_prune(
-        tensor, density, bool(rescale), op_seed(seed), check_stream(stream)
-    )
+    args = (tensor, density, bool(rescale), op_seed(seed), check_stream(stream))
+    return _ops.call(_ops.ops.random_prune, *args, records_gradient=records)
 
 
 def calculate_majority_sign_mask(tensor: torch.Tensor, method: str = "total") -> torch.Tensor:
@@ -67,4 +67,5 @@ def disjoint_merge(tensor: torch.Tensor, majority_sign_mask: torch.Tensor) -> to
         raise TypeError(
             f"majority_sign_mask must be a bool tensor, got {type(majority_sign_mask).__name__}"
         )
-    return _ops.ops.disjoint_merge(tensor, majority_sign_mask)
+    records = torch.is_grad_enabled() and tensor.requires_grad
+    return _ops.call(_ops.ops.disjoint_merge, tensor, majority_sign_mask, records_gradient=records)

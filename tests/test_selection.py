@@ -49,7 +49,7 @@ def _visible(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("kind", ["gaussian", "few values", "all equal", "sorted", "non-finite"])
-@pytest.mark.parametrize("n", [20_011, 150_001])
+@pytest.mark.parametrize("n", [20_011, 150_001, 600_001])  # one chunk; several (threads)
 def test_kept_set_is_the_stable_sort_prefix(dtype, kind, n):
     gen = torch.Generator().manual_seed(n)
     x = _data(kind, n, dtype, gen)

@@ -21,12 +21,14 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kStackedGrainTiles = 128;  // at::parallel_for grain of the stacked ops
-constexpr int64_t kSerialSelectBelow = 1 << 18;
-// Least work (task elements read) worth handing to another thread: about 100 us of one
-// thread's work. Below it, waking a second thread and waiting for it costs more than it
-// saves (on a busy machine, far more: the other core may be running someone else), so a
-// LoRA-sized merge (3 x 64K elements) stays on the calling thread.
-constexpr int64_t kMinParallelWork = 1 << 19;
+// Least work (task elements read) worth handing to another thread: 10-20 us of one thread's
+// work, against 1-2 us to wake a waiting thread (torch's own element-wise ops split from 32K
+// elements on). A LoRA-sized merge (3 x 64K elements) uses two threads.
+constexpr int64_t kMinParallelWork = 1 << 16;
+// A tensor's selection is split into chunks over the threads from this size on; smaller ones
+// take a thread each. (Splitting a LoRA-sized tensor is slower: the halves' cache lines move
+// between the cores' caches, as the sample has touched them all on one.)
+constexpr int64_t kParallelSelectFrom = 1 << 18;
 
 ElementType element_type(at::ScalarType dtype) {
   switch (dtype) {
@@ -82,40 +84,53 @@ PreparedMerge prepare(const MergeRequest& req) {
   return m;
 }
 
-// The magnitude threshold of one task of one merge, still to be selected.
-struct PendingThreshold {
-  PreparedMerge* merge;
-  int64_t task;
+// One tensor's magnitude threshold, still to be selected.
+struct SelectionJob {
+  const void* x;
+  int64_t numel;
+  at::ScalarType dtype;
+  double density;
+  MagnitudeThreshold* result;
 };
 
+// Large tensors one after the other, each split over the threads; smaller ones a thread each.
+void run_selections(const LevelKernels& kernels, const std::vector<SelectionJob>& jobs) {
+  auto run = [&](const SelectionJob& job, bool parallel) {
+    const int64_t k = magnitude_keep_count(job.density, job.numel);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, job.dtype, "lorax_merge_select", [&] {
+      *job.result = select_magnitude_threshold(kernels, static_cast<const scalar_t*>(job.x),
+                                               job.numel, k, parallel);
+    });
+  };
+  std::vector<const SelectionJob*> small;
+  int64_t small_work = 0;
+  for (const SelectionJob& job : jobs) {
+    if (job.numel >= kParallelSelectFrom) {
+      run(job, true);
+    } else {
+      small.push_back(&job);
+      small_work += job.numel;
+    }
+  }
+  const int64_t count = static_cast<int64_t>(small.size());
+  const int64_t grain =
+      std::max<int64_t>(1, kMinParallelWork * count / std::max<int64_t>(small_work, 1));
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) run(*small[i], false);
+  });
+}
+
 void select_thresholds(const LevelKernels& kernels, std::vector<PreparedMerge>& merges) {
-  std::vector<PendingThreshold> large, small;
+  std::vector<SelectionJob> jobs;
   for (auto& m : merges) {
     if (m.tiles.pruning != Pruning::kMagnitude || m.thresholds_given) continue;
     m.thresholds.resize(m.tasks.size());
-    for (int64_t t = 0; t < static_cast<int64_t>(m.tasks.size()); ++t) {
-      (m.tiles.numel >= kSerialSelectBelow ? large : small).push_back(PendingThreshold{&m, t});
+    for (size_t t = 0; t < m.tasks.size(); ++t) {
+      jobs.push_back(SelectionJob{m.tasks[t], m.tiles.numel, m.task_dtype, m.tiles.density,
+                                  &m.thresholds[t]});
     }
   }
-  auto run = [&](const PendingThreshold& job, bool parallel) {
-    PreparedMerge& m = *job.merge;
-    const int64_t numel = m.tiles.numel;
-    const int64_t k = magnitude_keep_count(m.tiles.density, numel);
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, m.task_dtype, "lorax_merge_select", [&] {
-          m.thresholds[job.task] = select_magnitude_threshold(
-              kernels, static_cast<const scalar_t*>(m.tasks[job.task]), numel, k, parallel);
-        });
-  };
-  for (const PendingThreshold& job : large) run(job, true);
-  int64_t small_work = 0;
-  for (const PendingThreshold& job : small) small_work += job.merge->tiles.numel;
-  const int64_t jobs = static_cast<int64_t>(small.size());
-  const int64_t job_grain =
-      std::max<int64_t>(1, kMinParallelWork * jobs / std::max<int64_t>(small_work, 1));
-  at::parallel_for(0, jobs, job_grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) run(small[i], false);
-  });
+  run_selections(kernels, jobs);
 }
 
 void run_prepared(const LevelKernels& kernels, std::vector<PreparedMerge>& merges) {
@@ -172,19 +187,17 @@ struct CpuKernels {
 
   static void magnitude_thresholds(const std::vector<at::Tensor>& tasks, double density,
                                    at::Tensor& out) {
-    const LevelKernels& kernels = active_kernels();
+    std::vector<MagnitudeThreshold> thresholds(tasks.size());
+    std::vector<SelectionJob> jobs;
+    for (size_t i = 0; i < tasks.size(); ++i) {
+      jobs.push_back(SelectionJob{tasks[i].const_data_ptr(), tasks[i].numel(),
+                                  tasks[i].scalar_type(), density, &thresholds[i]});
+    }
+    run_selections(active_kernels(), jobs);
     int64_t* dst = out.data_ptr<int64_t>();
     for (size_t i = 0; i < tasks.size(); ++i) {
-      const int64_t n = tasks[i].numel();
-      const int64_t k = magnitude_keep_count(density, n);
-      MagnitudeThreshold t{};
-      AT_DISPATCH_FLOATING_TYPES_AND2(
-          at::kHalf, at::kBFloat16, tasks[i].scalar_type(), "lorax_merge_thresholds", [&] {
-            t = select_magnitude_threshold(kernels, tasks[i].const_data_ptr<scalar_t>(), n, k,
-                                           n >= kSerialSelectBelow);
-          });
-      dst[2 * i] = static_cast<int64_t>(t.key);
-      dst[2 * i + 1] = t.cut;
+      dst[2 * i] = static_cast<int64_t>(thresholds[i].key);
+      dst[2 * i + 1] = thresholds[i].cut;
     }
   }
 

@@ -117,6 +117,26 @@ inline int64_t candidate_budget(int64_t n) {
   return std::max<int64_t>(n / 8, 16384);
 }
 
+// pick_digit_from_top (keys.h) sixteen bins at a step: the same pick, in a few hundred steps
+// rather than thousands for a wide histogram.
+template <typename count_t>
+DigitPick pick_digit_from_top_blocked(const count_t* histogram, int64_t bins, int64_t rank) {
+  constexpr int64_t kBlock = 16;
+  int64_t above = 0, end = bins;  // the bins at and above `end` hold `above` keys
+  for (; end >= kBlock; end -= kBlock) {
+    int64_t block = 0;
+    for (int64_t b = end - kBlock; b < end; ++b) block += static_cast<int64_t>(histogram[b]);
+    if (above + block >= rank) break;
+    above += block;
+  }
+  for (int64_t d = end - 1; d >= 0; --d) {
+    const int64_t c = static_cast<int64_t>(histogram[d]);
+    if (above + c >= rank) return DigitPick{d, rank - above, c};
+    above += c;
+  }
+  return DigitPick{0, rank - above, 0};
+}
+
 // Threshold from the elements that can hold it, given in index order, when `rank`
 // (1-based, from the top) is the threshold's rank among them and their keys agree on
 // all bits at or above `shift`.
@@ -134,7 +154,7 @@ inline MagnitudeThreshold threshold_from_candidates(Candidate* first, Candidate*
     for (const Candidate* c = first; c != last; ++c) {
       ++counts[((c->key - base) >> shift) & (bins - 1)];
     }
-    const DigitPick pick = pick_digit_from_top(counts.data(), bins, rank);
+    const DigitPick pick = pick_digit_from_top_blocked(counts.data(), bins, rank);
     rank = pick.rank_in_digit;
     const uint64_t digit = static_cast<uint64_t>(pick.digit);
     // Keep only the chosen bucket; the order, and so index order, is preserved.
@@ -152,22 +172,32 @@ template <typename scalar_t>
 using StoredKey =
     std::conditional_t<sizeof(typename KeyTraits<scalar_t>::key_t) <= 4, uint32_t, uint64_t>;
 
-// Scratch space for the bracket's candidates (keys and offsets), kept per thread when small
-// so that repeated small selections neither allocate nor fault in fresh pages.
+// Scratch that a thread keeps between calls: repeated small selections then neither
+// allocate nor fault in fresh pages. Contents are not initialised. Each use that is alive at
+// the same time as another has its own tag.
+enum ScratchTag { kCandidateKeys, kCandidateOffsets, kNarrowKeys, kNarrowOffsets };
+
+template <typename T, ScratchTag Tag>
+T* thread_scratch(int64_t size) {
+  thread_local std::unique_ptr<T[]> kept;
+  thread_local int64_t kept_size = 0;
+  if (kept_size < size) {
+    kept.reset(new T[static_cast<size_t>(size)]);
+    kept_size = size;
+  }
+  return kept.get();
+}
+
+// Scratch space for the bracket's candidates (keys and offsets): a thread's kept scratch when
+// small, else its own.
 template <typename stored_key_t>
 class CandidateBuffer {
  public:
   explicit CandidateBuffer(int64_t size) {
     constexpr int64_t kKeepBelow = int64_t(1) << 17;
     if (size <= kKeepBelow) {
-      thread_local std::vector<stored_key_t> kept_keys;
-      thread_local std::vector<uint32_t> kept_offsets;
-      if (static_cast<int64_t>(kept_keys.size()) < size) {
-        kept_keys.resize(static_cast<size_t>(size));
-        kept_offsets.resize(static_cast<size_t>(size));
-      }
-      keys_ = kept_keys.data();
-      offsets_ = kept_offsets.data();
+      keys_ = thread_scratch<stored_key_t, kCandidateKeys>(size);
+      offsets_ = thread_scratch<uint32_t, kCandidateOffsets>(size);
     } else {
       owned_keys_.reset(new stored_key_t[static_cast<size_t>(size)]);
       owned_offsets_.reset(new uint32_t[static_cast<size_t>(size)]);
@@ -185,49 +215,208 @@ class CandidateBuffer {
   uint32_t* offsets_ = nullptr;
 };
 
+// A sample of keys, with its least and greatest (gathered in the same loop, where the loads
+// dominate).
+template <typename key_t>
+struct KeySample {
+  std::vector<key_t> keys;
+  key_t min = 0;
+  key_t max = 0;
+
+  template <typename KeyAt>
+  KeySample(int64_t size, const KeyAt& key_at) : keys(static_cast<size_t>(size)) {
+    key_t least = ~key_t(0), greatest = 0;
+    for (int64_t j = 0; j < size; ++j) {
+      const key_t key = key_at(j);
+      keys[j] = key;
+      least = key < least ? key : least;
+      greatest = key > greatest ? key : greatest;
+    }
+    min = least;
+    max = greatest;
+  }
+  int64_t size() const { return static_cast<int64_t>(keys.size()); }
+};
+
 // Bounds on two keys of a sample, given by their ranks hi_rank <= lo_rank (1-based, from
 // the top): *hi at or above the hi_rank-th largest key, *lo at or below the lo_rank-th.
-// Two radix digits of 11 bits resolve them (a histogram, then one of the digit's keys),
-// so the bounds are exact but for the last kBits - 22 bits, rounded outwards; cheaper than
-// ordering the sample.
-template <typename key_t, int kBits>
-void sample_bounds(const std::vector<key_t>& sample, int64_t hi_rank, int64_t lo_rank,
+// A histogram of 2^11 bins spans the sample's range [min, max]; where the bin of a bound holds
+// more than a few keys, a second digit of up to 9 bits over the keys of that bin narrows it.
+// The bounds are rounded outwards to the edges of the bins; cheaper than ordering the sample.
+template <typename key_t>
+void sample_bounds(const KeySample<key_t>& sample, int64_t hi_rank, int64_t lo_rank,
                    key_t nan_key, key_t* lo, key_t* hi) {
   constexpr int kDigitBits = 11;
-  constexpr int kShift1 = kBits - kDigitBits;
-  constexpr int kShift2 = kShift1 > kDigitBits ? kShift1 - kDigitBits : 0;
-  constexpr int64_t kBins = int64_t(1) << kDigitBits;
-  constexpr int64_t kBins2 = int64_t(1) << (kShift1 - kShift2);
-  const int64_t size = static_cast<int64_t>(sample.size());
+  constexpr int64_t kFewInBin = 8;  // a bin this full is narrow enough as it is
+  int span_bits = 1;
+  while (span_bits < 64 && (static_cast<uint64_t>(sample.max - sample.min) >> span_bits) != 0) {
+    ++span_bits;
+  }
+  const int shift1 = std::max(0, span_bits - kDigitBits);
+  const int bits2 = std::min(9, shift1);
+  const int shift2 = shift1 - bits2;
+  const int64_t size = sample.size();
   const bool has_hi = hi_rank >= 1, has_lo = lo_rank <= size;
-  uint32_t counts[kBins] = {};
-  key_t largest = 0;
-  for (const key_t key : sample) {
-    ++counts[key >> kShift1];
-    largest = key > largest ? key : largest;
-  }
-  // The first digits of the two keys (the search starts at the largest key's digit, as the
-  // bins above it are empty), then the second digits, in one more pass.
-  const int64_t used_bins = static_cast<int64_t>(largest >> kShift1) + 1;
-  const DigitPick first_hi = pick_digit_from_top(counts, used_bins, has_hi ? hi_rank : 1);
-  const DigitPick first_lo = pick_digit_from_top(counts, used_bins, has_lo ? lo_rank : size);
-  uint32_t second_hi[kBins2] = {}, second_lo[kBins2] = {};
-  for (const key_t key : sample) {
-    const int64_t digit = static_cast<int64_t>(key >> kShift1);
-    if (digit != first_hi.digit && digit != first_lo.digit) continue;  // most keys
-    const uint32_t next = static_cast<uint32_t>((key >> kShift2) & (kBins2 - 1));
-    second_hi[next] += digit == first_hi.digit;
-    second_lo[next] += digit == first_lo.digit;
-  }
-  // The lower edge of the second-digit bin that holds a key.
-  auto bin_edge = [&](const DigitPick& first, const uint32_t* second) {
-    const DigitPick pick = pick_digit_from_top(second, kBins2, first.rank_in_digit);
-    return static_cast<key_t>((static_cast<uint64_t>(first.digit) << kShift1) |
-                              (static_cast<uint64_t>(pick.digit) << kShift2));
+  const key_t base = sample.min;
+  auto offset = [&](key_t key) { return static_cast<uint64_t>(static_cast<key_t>(key - base)); };
+  uint32_t counts[int64_t(1) << kDigitBits] = {};
+  for (const key_t key : sample.keys) ++counts[offset(key) >> shift1];
+  const int64_t bins = int64_t(1) << (span_bits - shift1);
+  const DigitPick first_hi = pick_digit_from_top_blocked(counts, bins, has_hi ? hi_rank : 1);
+  const DigitPick first_lo = pick_digit_from_top_blocked(counts, bins, has_lo ? lo_rank : size);
+  // The lower edge of the bin of a bound, or of the second-digit bin inside it.
+  auto edge = [&](const DigitPick& first) {
+    uint64_t at = static_cast<uint64_t>(first.digit) << shift1;
+    int below = shift1;
+    if (first.count_in_digit > kFewInBin && bits2 > 0) {
+      uint32_t second[int64_t(1) << 9] = {};
+      for (const key_t key : sample.keys) {
+        if (static_cast<int64_t>(offset(key) >> shift1) == first.digit) {  // few keys: predicted
+          ++second[(offset(key) >> shift2) & ((uint64_t(1) << bits2) - 1)];
+        }
+      }
+      const DigitPick pick =
+          pick_digit_from_top_blocked(second, int64_t(1) << bits2, first.rank_in_digit);
+      at |= static_cast<uint64_t>(pick.digit) << shift2;
+      below = shift2;
+    }
+    return std::pair<key_t, key_t>{static_cast<key_t>(base + at),
+                                   static_cast<key_t>(base + at + ((uint64_t(1) << below) - 1))};
   };
-  *hi = has_hi ? static_cast<key_t>(bin_edge(first_hi, second_hi) | ((key_t(1) << kShift2) - 1))
-               : nan_key;
-  *lo = has_lo ? bin_edge(first_lo, second_lo) : key_t(0);
+  *hi = has_hi ? edge(first_hi).second : nan_key;
+  *lo = has_lo ? edge(first_lo).first : key_t(0);
+}
+
+// The candidates a bracket scan kept: per chunk, their keys and offsets from the chunk's first
+// element, in index order (slice c starts at c * stride).
+template <typename stored_key_t>
+struct BracketCandidates {
+  stored_key_t* keys;
+  uint32_t* offsets;
+  int64_t stride;
+  std::vector<int64_t> count;  // per chunk
+
+  int64_t total() const {
+    int64_t sum = 0;
+    for (const int64_t c : count) sum += c;
+    return sum;
+  }
+};
+
+// The element types whose bits the stored keys are: a scan over stored keys read as these
+// elements gives the keys back (they are magnitude keys already, below 2^(bits - 1)).
+template <typename stored_key_t>
+constexpr ElementType stored_key_element_type() {
+  return sizeof(stored_key_t) == 4 ? ElementType::kFloat : ElementType::kDouble;
+}
+
+// Threshold of the `rank`-th largest (1-based) of the candidates, whose keys lie in [lo, hi]:
+// a histogram of the top digit of (key - lo) over the candidates, then the few in that digit's
+// bin, with their flat indices, digit by digit.
+template <typename stored_key_t>
+MagnitudeThreshold resolve_candidates(const BracketCandidates<stored_key_t>& found,
+                                      const Chunking& chunks, int64_t n, uint64_t lo, uint64_t hi,
+                                      int64_t rank) {
+  int span_bits = 0;  // bits of hi - lo: the only ones that vary among the candidates
+  while (span_bits < 64 && ((hi - lo) >> span_bits) != 0) ++span_bits;
+  // About two candidates a bin: fewer bins to clear and to search than 2^11 for a short list.
+  constexpr int kDigitBits = 11;
+  int list_bits = 1;
+  while (list_bits < kDigitBits && (int64_t(1) << list_bits) < found.total()) ++list_bits;
+  const int bits = std::min(list_bits, span_bits);
+  const int shift = span_bits - bits;
+  uint32_t counts[int64_t(1) << kDigitBits] = {};
+  for (int64_t c = 0; c < chunks.count; ++c) {
+    const stored_key_t* keys = found.keys + c * found.stride;
+    for (int64_t j = 0; j < found.count[c]; ++j) ++counts[(keys[j] - lo) >> shift];
+  }
+  const DigitPick pick = pick_digit_from_top_blocked(counts, int64_t(1) << bits, rank);
+  // The chosen bin's keys, as a range: one comparison each, no division into digits.
+  const uint64_t bin_lo = lo + (static_cast<uint64_t>(pick.digit) << shift);
+  const uint64_t bin_hi = bin_lo + ((uint64_t(1) << shift) - 1);
+  std::vector<Candidate> chosen(static_cast<size_t>(pick.count_in_digit));
+  int64_t taken = 0;
+  for (int64_t c = 0; c < chunks.count; ++c) {
+    const stored_key_t* keys = found.keys + c * found.stride;
+    const uint32_t* offsets = found.offsets + c * found.stride;
+    for (int64_t j = 0; j < found.count[c]; ++j) {
+      if (keys[j] >= bin_lo && keys[j] <= bin_hi) {
+        chosen[taken++] = Candidate{keys[j], chunks.begin(c) + offsets[j]};
+      }
+    }
+  }
+  return threshold_from_candidates(chosen.data(), chosen.data() + taken, pick.rank_in_digit, shift,
+                                   n, lo);
+}
+
+// Bracket [*lo, *hi] of keys that holds the `rank`-th largest (1-based) of a population of
+// `population` keys, with high probability, from a sample of them: the sample's ranks a margin of
+// 3.5 standard deviations either side (a sample outside it, one in two thousand, costs the
+// caller's fallback). False if the sample is too small for a bracket narrower than the whole.
+template <typename key_t>
+bool bracket_from_sample(const KeySample<key_t>& sample, int64_t population, int64_t rank,
+                         key_t nan_key, key_t* lo, key_t* hi) {
+  const int64_t samples = sample.size();
+  const double p = static_cast<double>(rank) / static_cast<double>(population);
+  const double center = p * static_cast<double>(samples);
+  const double margin = 3.5 * std::sqrt(static_cast<double>(samples) * p * (1.0 - p)) + 4.0;
+  const int64_t hi_rank = static_cast<int64_t>(std::floor(center - margin));  // 1-based from top
+  const int64_t lo_rank = static_cast<int64_t>(std::ceil(center + margin));
+  if (hi_rank < 1 && lo_rank > samples) return false;
+  sample_bounds(sample, hi_rank, lo_rank, nan_key, lo, hi);
+  return true;
+}
+
+// Many candidates: a second, narrower bracket from a sample of the candidates' keys, scanned
+// with the same kernel over the stored keys (read as elements whose bits they are). Returns
+// false, leaving `found` as it was, where the sample misses the rank; on success `found` holds
+// the candidates inside [*lo, *hi] (offsets still from their chunk's first element) and `rank`
+// is their rank among them.
+template <typename scalar_t, typename stored_key_t>
+bool narrow_candidates(const LevelKernels& kernels, const Chunking& chunks,
+                       BracketCandidates<stored_key_t>& found, uint64_t* lo, uint64_t* hi,
+                       int64_t* rank) {
+  const int64_t total = found.total();
+  // About total / 10 sampled keys (the sample's cost against the candidates' that it saves),
+  // at an odd stride through the candidates of every chunk in turn.
+  const int64_t step = std::max<int64_t>(3, total / std::max<int64_t>(256, total / 10)) | 1;
+  int64_t chunk = 0, chunk_start = 0;  // the chunk of the last sampled position
+  const KeySample<stored_key_t> sample(total / step, [&](int64_t j) {
+    const int64_t position = j * step;
+    while (position - chunk_start >= found.count[chunk]) chunk_start += found.count[chunk++];
+    return found.keys[chunk * found.stride + (position - chunk_start)];
+  });
+  stored_key_t sub_lo, sub_hi;
+  if (!bracket_from_sample(sample, total, *rank,
+                           static_cast<stored_key_t>(KeyTraits<scalar_t>::kNaN), &sub_lo,
+                           &sub_hi)) {
+    return false;
+  }
+  sub_lo = std::max<stored_key_t>(sub_lo, static_cast<stored_key_t>(*lo));
+  sub_hi = std::min<stored_key_t>(sub_hi, static_cast<stored_key_t>(*hi));
+  if (sub_lo > sub_hi) return false;
+  // Each chunk's slice of the narrower list has room for its whole slice of the wider one.
+  stored_key_t* keys_out = thread_scratch<stored_key_t, kNarrowKeys>(found.stride * chunks.count);
+  uint32_t* offsets_out = thread_scratch<uint32_t, kNarrowOffsets>(found.stride * chunks.count);
+  std::vector<int64_t> count(static_cast<size_t>(chunks.count));
+  int64_t above = 0, inside = 0;
+  for (int64_t c = 0; c < chunks.count; ++c) {
+    const int64_t slice = found.stride - kCandidateSlack;
+    uint32_t* offsets = offsets_out + c * found.stride;
+    count[c] = kernels.scan_bracket(stored_key_element_type<stored_key_t>(),
+                                    found.keys + c * found.stride, 0, found.count[c], sub_lo,
+                                    sub_hi, keys_out + c * found.stride, offsets, slice, &above);
+    // Positions in the wider list become offsets from the chunk's first element.
+    const uint32_t* wider = found.offsets + c * found.stride;
+    for (int64_t j = 0; j < count[c]; ++j) offsets[j] = wider[offsets[j]];
+    inside += count[c];
+  }
+  if (!(above < *rank && *rank <= above + inside)) return false;
+  found = BracketCandidates<stored_key_t>{keys_out, offsets_out, found.stride, std::move(count)};
+  *lo = sub_lo;
+  *hi = sub_hi;
+  *rank -= above;
+  return true;
 }
 
 // One pass instead of several for the common case: the keys of a strided sample give
@@ -248,69 +437,43 @@ bool select_in_sampled_bracket(const LevelKernels& kernels, const scalar_t* x, i
   const int64_t wanted = std::clamp<int64_t>(n / 32, 1024, 65536);
   if (n < 16 * wanted) return false;
   const int64_t step = (n / wanted) | 1;
-  const int64_t samples = n / step;
-  std::vector<key_t> sample(static_cast<size_t>(samples));
-  for (int64_t j = 0; j < samples; ++j) sample[j] = magnitude_key(x[j * step]);
-  // Rank of the threshold within the sample, and a margin of 3.5 standard deviations (a
-  // sample outside it, one in two thousand, costs a fallback to radix passes).
-  const double p = static_cast<double>(k) / static_cast<double>(n);
-  const double center = p * static_cast<double>(samples);
-  const double margin = 3.5 * std::sqrt(static_cast<double>(samples) * p * (1.0 - p)) + 4.0;
-  const int64_t hi_rank = static_cast<int64_t>(std::floor(center - margin));  // 1-based from top
-  const int64_t lo_rank = static_cast<int64_t>(std::ceil(center + margin));
+  const KeySample<key_t> sample(n / step, [&](int64_t j) { return magnitude_key(x[j * step]); });
   key_t lo, hi;
-  sample_bounds<key_t, KeyTraits<scalar_t>::kBits>(sample, hi_rank, lo_rank,
-                                                   KeyTraits<scalar_t>::kNaN, &lo, &hi);
+  if (!bracket_from_sample(sample, n, k, KeyTraits<scalar_t>::kNaN, &lo, &hi)) {
+    return false;
+  }
 
   // Each chunk copies into its own slice of one buffer and gives up when it is full.
   const int64_t slice = candidate_budget(n) / chunks.count + 1;
   const int64_t stride = slice + kCandidateSlack;
   CandidateBuffer<stored_key_t> buffer(stride * chunks.count);
+  BracketCandidates<stored_key_t> found{buffer.keys(), buffer.offsets(), stride,
+                                        std::vector<int64_t>(static_cast<size_t>(chunks.count))};
   std::vector<int64_t> above(static_cast<size_t>(chunks.count), 0);
-  std::vector<int64_t> inside(static_cast<size_t>(chunks.count), -1);  // -1: slice overflowed
   chunks.for_each(n, [&, lo, hi](int64_t chunk, int64_t begin, int64_t end) {
     int64_t count_above = 0;
-    inside[chunk] = kernels.scan_bracket(element_type_of<scalar_t>(), x, begin, end, lo, hi,
-                                         buffer.keys() + chunk * stride,
-                                         buffer.offsets() + chunk * stride, slice, &count_above);
+    found.count[chunk] = kernels.scan_bracket(element_type_of<scalar_t>(), x, begin, end, lo, hi,
+                                              buffer.keys() + chunk * stride,
+                                              buffer.offsets() + chunk * stride, slice,
+                                              &count_above);  // -1: the slice overflowed
     above[chunk] = count_above;
   });
   int64_t total_above = 0, total_in = 0;
   for (int64_t c = 0; c < chunks.count; ++c) {
-    if (inside[c] < 0) return false;
+    if (found.count[c] < 0) return false;
     total_above += above[c];
-    total_in += inside[c];
+    total_in += found.count[c];
   }
   if (!(total_above < k && k <= total_above + total_in)) return false;
 
-  // Resolve the top digit of (key - lo) over every candidate, then the few candidates in
-  // that digit's bin (with their flat indices, in index order) digit by digit.
-  int span_bits = 0;  // bits of hi - lo: the only ones that vary among the candidates
-  while (span_bits < KeyTraits<scalar_t>::kBits && (uint64_t(hi - lo) >> span_bits) != 0) {
-    ++span_bits;
+  uint64_t bracket_lo = lo, bracket_hi = hi;
+  int64_t rank = k - total_above;
+  // A second bracket pays for its sample and scan from a few thousand candidates on.
+  constexpr int64_t kNarrowFrom = 2048;
+  if (total_in >= kNarrowFrom) {
+    narrow_candidates<scalar_t>(kernels, chunks, found, &bracket_lo, &bracket_hi, &rank);
   }
-  constexpr int kDigitBits = 11;
-  const int bits = std::min(kDigitBits, span_bits);
-  const int shift = span_bits - bits;
-  uint32_t counts[int64_t(1) << kDigitBits] = {};
-  for (int64_t c = 0; c < chunks.count; ++c) {
-    const stored_key_t* keys = buffer.keys() + c * stride;
-    for (int64_t j = 0; j < inside[c]; ++j) ++counts[(keys[j] - lo) >> shift];
-  }
-  const DigitPick pick = pick_digit_from_top(counts, int64_t(1) << bits, k - total_above);
-  std::vector<Candidate> chosen;
-  chosen.reserve(static_cast<size_t>(pick.count_in_digit));
-  for (int64_t c = 0; c < chunks.count; ++c) {
-    const stored_key_t* keys = buffer.keys() + c * stride;
-    const uint32_t* offsets = buffer.offsets() + c * stride;
-    for (int64_t j = 0; j < inside[c]; ++j) {
-      if (static_cast<int64_t>((keys[j] - lo) >> shift) == pick.digit) {
-        chosen.push_back(Candidate{keys[j], chunks.begin(c) + offsets[j]});
-      }
-    }
-  }
-  *result = threshold_from_candidates(chosen.data(), chosen.data() + chosen.size(),
-                                      pick.rank_in_digit, shift, n, lo);
+  *result = resolve_candidates(found, chunks, n, bracket_lo, bracket_hi, rank);
   return true;
 }
 
@@ -328,7 +491,7 @@ MagnitudeThreshold select_magnitude_threshold(const LevelKernels& kernels, const
   const int first_bits = kKeyBits <= 16 ? kKeyBits : kDigitBits;
   int shift = kKeyBits - first_bits;
   DigitHistogram hist = digit_histogram(kernels, x, n, chunks, shift, first_bits, 0, 0);
-  DigitPick pick = pick_digit_from_top(hist.total.data(), hist.bins, k);
+  DigitPick pick = pick_digit_from_top_blocked(hist.total.data(), hist.bins, k);
   uint64_t prefix = static_cast<uint64_t>(pick.digit) << shift;
   uint64_t prefix_mask = ((uint64_t(1) << first_bits) - 1) << shift;
   int64_t rank = pick.rank_in_digit;
@@ -351,7 +514,7 @@ MagnitudeThreshold select_magnitude_threshold(const LevelKernels& kernels, const
     const int bits = std::min(kDigitBits, shift);
     shift -= bits;
     hist = digit_histogram(kernels, x, n, chunks, shift, bits, prefix, prefix_mask);
-    pick = pick_digit_from_top(hist.total.data(), hist.bins, rank);
+    pick = pick_digit_from_top_blocked(hist.total.data(), hist.bins, rank);
     rank = pick.rank_in_digit;
     prefix |= static_cast<uint64_t>(pick.digit) << shift;
     prefix_mask |= ((uint64_t(1) << bits) - 1) << shift;
