@@ -69,16 +69,19 @@ LM_HOST_DEVICE bool agrees_with_majority(acc_t v, bool majority_positive) {
   return majority_positive ? v > acc_t(0) : v < acc_t(0);
 }
 
-// Disjoint merge of one element: sum(mask ? p : p * 0) / max(sum(mask), 1).
-template <typename acc_t>
-LM_HOST_DEVICE void add_masked(acc_t& sum, acc_t& count, acc_t p, bool selected) {
+// Disjoint merge of one element: sum(mask ? p : p * 0) / max(sum(mask), 1). The count is a
+// small integer, held as acc_t or as an integer type (the CPU's vectors count in int32 lanes,
+// one instruction a step); the mean converts it exactly.
+template <typename acc_t, typename count_t>
+LM_HOST_DEVICE void add_masked(acc_t& sum, count_t& count, acc_t p, bool selected) {
   sum += selected ? p : p * acc_t(0);
-  count += selected ? acc_t(1) : acc_t(0);
+  count += selected ? count_t(1) : count_t(0);
 }
 
-template <typename acc_t>
-LM_HOST_DEVICE acc_t masked_mean(acc_t sum, acc_t count) {
-  return sum / (count > acc_t(1) ? count : acc_t(1));
+template <typename acc_t, typename count_t>
+LM_HOST_DEVICE acc_t masked_mean(acc_t sum, count_t count) {
+  const acc_t c = static_cast<acc_t>(count);
+  return sum / (c > acc_t(1) ? c : acc_t(1));
 }
 
 template <typename acc_t>
@@ -94,18 +97,18 @@ struct MaskedMean {
 // so that one pass over the tasks suffices: the majority is known after the last task.
 // Written as free functions over the fields so the CPU can keep them as arrays (SIMD)
 // and the GPU in registers (MergeAccumulator below), with one definition of the rule.
-template <typename acc_t, SignElection E>
-LM_HOST_DEVICE void add_elected(acc_t& score, acc_t& pos_sum, acc_t& pos_count, acc_t& neg_sum,
-                                acc_t& neg_count, acc_t v, acc_t w) {
+template <typename acc_t, SignElection E, typename count_t>
+LM_HOST_DEVICE void add_elected(acc_t& score, acc_t& pos_sum, count_t& pos_count, acc_t& neg_sum,
+                                count_t& neg_count, acc_t v, acc_t w) {
   const acc_t p = v * w;
   score += election_term<acc_t, E>(v);
   add_masked(pos_sum, pos_count, p, v > acc_t(0));
   add_masked(neg_sum, neg_count, p, v < acc_t(0));
 }
 
-template <typename acc_t>
-LM_HOST_DEVICE acc_t elected_result(acc_t score, acc_t pos_sum, acc_t pos_count, acc_t neg_sum,
-                                    acc_t neg_count) {
+template <typename acc_t, typename count_t>
+LM_HOST_DEVICE acc_t elected_result(acc_t score, acc_t pos_sum, count_t pos_count, acc_t neg_sum,
+                                    count_t neg_count) {
   // One division: pick the majority's sum and count first.
   const bool positive = majority_is_positive(score);
   return masked_mean(positive ? pos_sum : neg_sum, positive ? pos_count : neg_count);

@@ -25,6 +25,10 @@ namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
+// The per-tile steps are inlined into the tile loop whatever the compiler's size estimates
+// say: an out-of-line step costs a call per tile and loses the loop's constants.
+#define LM_TILE_INLINE inline __attribute__((always_inline))
+
 // ---------------------------------------------------------------- element conversions
 
 // v[j] = acc_t(x[j]) for a run of at most kTile elements.
@@ -119,7 +123,7 @@ inline void round_to_task_dtype(acc_t* v, int64_t len) {
 }
 
 template <typename acc_t>
-inline void store_tile(ElementType out_type, const acc_t* v, int64_t len, void* out, int64_t base) {
+LM_TILE_INLINE void store_tile(ElementType out_type, const acc_t* v, int64_t len, void* out, int64_t base) {
   switch (out_type) {
     case ElementType::kDouble:
       return store_run(v, len, static_cast<double*>(out) + base);
@@ -134,7 +138,7 @@ inline void store_tile(ElementType out_type, const acc_t* v, int64_t len, void* 
 
 // The task's values over a tile in acc_t: the input itself when it needs no conversion.
 template <typename acc_t, typename scalar_t>
-inline const acc_t* values_of(const scalar_t* x, int64_t len, acc_t* buffer) {
+LM_TILE_INLINE const acc_t* values_of(const scalar_t* x, int64_t len, acc_t* buffer) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return x;
   } else {
@@ -148,7 +152,7 @@ inline const acc_t* values_of(const scalar_t* x, int64_t len, acc_t* buffer) {
 // v = x pruned to its entries above the task's magnitude threshold (dropped: x * 0);
 // xv is x in acc_t (v may be xv).
 template <typename scalar_t, typename acc_t>
-inline void prune_by_magnitude(const scalar_t* x, const acc_t* xv, int64_t base, int64_t len,
+LM_TILE_INLINE void prune_by_magnitude(const scalar_t* x, const acc_t* xv, int64_t base, int64_t len,
                                MagnitudeThreshold threshold, acc_t* v) {
   using Traits = KeyTraits<scalar_t>;
   using key_t = typename Traits::key_t;
@@ -201,7 +205,7 @@ inline void prune_by_magnitude(const scalar_t* x, const acc_t* xv, int64_t base,
 // v = x pruned by the random words of (seed, stream, flat index); kept entries divided by
 // the density and rounded to the task dtype when `rescale`. xv is x in acc_t (v may be xv).
 template <typename scalar_t, typename acc_t>
-inline void prune_randomly(const TileMerge& m, int64_t task, const acc_t* xv, int64_t base,
+LM_TILE_INLINE void prune_randomly(const TileMerge& m, int64_t task, const acc_t* xv, int64_t base,
                            int64_t len, acc_t density, acc_t* v) {
   // The words of the pairs from the one holding the tile's first flat index: a slice at an
   // odd offset starts on its pair's high word.
@@ -253,13 +257,14 @@ constexpr int kTaskBlock = 4;
 
 // Per-tile accumulator state as arrays (one entry per element of the tile), so that the
 // loops over a tile vectorise; the rule itself is merge_rule.h's.
+// The elected counts are int32 lanes: one integer step a task instead of a mask-and-add.
 template <typename acc_t, SignElection E>
 struct TileState {
   alignas(64) acc_t score[kTile];
   alignas(64) acc_t pos_sum[kTile];
-  alignas(64) acc_t pos_count[kTile];
+  alignas(64) int32_t pos_count[kTile];
   alignas(64) acc_t neg_sum[kTile];
-  alignas(64) acc_t neg_count[kTile];
+  alignas(64) int32_t neg_count[kTile];
 
   // Adds tasks v[0], ..., v[N - 1] (weights w[0..N)), in that order. The first call of a
   // tile (kFirst) starts from the empty state instead of reading it; the last (kLast)
@@ -271,7 +276,8 @@ struct TileState {
     const acc_t* __restrict v2 = v[N > 2 ? 2 : 0];
     const acc_t* __restrict v3 = v[N > 3 ? 3 : 0];
     for (int64_t j = 0; j < len; ++j) {
-      acc_t s = acc_t(0), ps = acc_t(0), pc = acc_t(0), ns = acc_t(0), nc = acc_t(0);
+      acc_t s = acc_t(0), ps = acc_t(0), ns = acc_t(0);
+      int32_t pc = 0, nc = 0;
       if constexpr (!kFirst) {
         s = score[j];
         ps = pos_sum[j];
