@@ -13,6 +13,7 @@
 #include "../common/keys.h"
 #include "../device_ops.h"
 #include "capability.h"
+#include "host_common.h"
 #include "kernel_api.h"
 #include "select.h"
 
@@ -21,27 +22,10 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kStackedGrainTiles = 128;  // at::parallel_for grain of the stacked ops
-// Least work (task elements read) worth handing to another thread: 10-20 us of one thread's
-// work, against 1-2 us to wake a waiting thread (torch's own element-wise ops split from 32K
-// elements on). A LoRA-sized merge (3 x 64K elements) uses two threads.
-constexpr int64_t kMinParallelWork = 1 << 16;
 // A tensor's selection is split into chunks over the threads from this size on; smaller ones
 // take a thread each. (Splitting a LoRA-sized tensor is slower: the halves' cache lines move
 // between the cores' caches, as the sample has touched them all on one.)
 constexpr int64_t kParallelSelectFrom = 1 << 18;
-
-ElementType element_type(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kDouble:
-      return ElementType::kDouble;
-    case at::kHalf:
-      return ElementType::kHalf;
-    case at::kBFloat16:
-      return ElementType::kBFloat16;
-    default:
-      return ElementType::kFloat;
-  }
-}
 
 // One merge with everything resolved on the host; `tiles` points into the vectors.
 struct PreparedMerge {

@@ -14,28 +14,14 @@
 #include "../common/weight_grad_sum.h"
 #include "../grad_ops.h"
 #include "capability.h"
+#include "host_common.h"
 #include "kernel_api.h"
 
 namespace lorax_merge {
 namespace cpu {
 namespace {
 
-// Least work (task elements read) worth handing to another thread, as in the forward.
-constexpr int64_t kMinParallelWork = 1 << 19;
 constexpr int64_t kScratchAlign = 64;
-
-ElementType grad_element_type(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kDouble:
-      return ElementType::kDouble;
-    case at::kHalf:
-      return ElementType::kHalf;
-    case at::kBFloat16:
-      return ElementType::kBFloat16;
-    default:
-      return ElementType::kFloat;
-  }
-}
 
 // One merge's backward with everything resolved on the host; `tiles` points into the vectors.
 struct PreparedGrad {
@@ -55,8 +41,8 @@ void prepare_grad(const MergeGradRequest& request, PreparedGrad& m) {
   TileGrad& tiles = m.tiles;
   tiles.num_tasks = req.num_tasks();
   tiles.numel = req.numel();
-  tiles.task_type = grad_element_type(req.tasks[0].scalar_type());
-  tiles.grad_type = grad_element_type(req.out.scalar_type());
+  tiles.task_type = element_type(req.tasks[0].scalar_type());
+  tiles.grad_type = element_type(req.out.scalar_type());
   tiles.wide = accumulate_type(req.tasks[0].scalar_type(), req.out.scalar_type()) == at::kDouble;
   tiles.election = req.election;
   tiles.pruning = req.prunes() ? req.pruning : Pruning::kNone;
@@ -141,7 +127,7 @@ struct CpuGradKernels {
     if (out.numel() == 0) return;
     const int64_t n = mask.size(0);
     const int64_t positions = grad.numel();
-    const ElementType type = grad_element_type(out.scalar_type());
+    const ElementType type = element_type(out.scalar_type());
     const void* g = grad.const_data_ptr();
     const bool* m = mask.const_data_ptr<bool>();
     void* dst = out.data_ptr();

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -56,6 +57,37 @@
 
 namespace lorax_merge {
 namespace cuda {
+
+// fn(scalar_t{}, acc_t{}) for tasks of `dtype` and their accumulation type: float64 for float64
+// tasks, and for the others when `wide` (a float64 result), else float. Host code.
+template <typename Fn>
+void with_task_and_acc_types(Dtype dtype, bool wide, const Fn& fn) {
+  LM_DISPATCH_DTYPE(dtype, scalar_t, [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      fn(double{}, double{});
+    } else if (wide) {
+      fn(scalar_t{}, double{});
+    } else {
+      fn(scalar_t{}, float{});
+    }
+  });
+}
+
+// The fields a forward and a backward launch's kernel parameters share: the group and task
+// tables and the pruning. Host code.
+template <typename Params, typename Launch>
+void copy_shared_params(const Launch& launch, Params& params) {
+  params.table_device = launch.table_device;
+  params.groups_offset = launch.groups_offset;
+  params.tasks_offset = launch.tasks_offset;
+  params.density = launch.density;
+  params.keep_bound = launch.keep_bound;
+  params.num_groups = launch.num_groups;
+  params.pruning = static_cast<int32_t>(launch.pruning);
+  params.rescale = launch.rescale;
+  static_assert(sizeof(params.table_inline) == sizeof(launch.table_inline), "one inline table");
+  memcpy(params.table_inline, launch.table_inline, sizeof(params.table_inline));
+}
 
 // Loads N consecutive values from p, which is aligned to min(16, N * sizeof(T)) bytes,
 // with the widest accesses that alignment allows (16 bytes at most). Stores likewise

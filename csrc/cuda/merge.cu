@@ -9,7 +9,6 @@
 // loaded before the first is used, so a thread keeps several loads in flight.
 #include <c10/cuda/CUDAException.h>
 
-#include <type_traits>
 
 #include "../common/canonical_nan.h"
 #include "../common/counter_rng.h"
@@ -194,24 +193,10 @@ void launch_typed(const MergeLaunch& launch, const MergeParams& params, cudaStre
 void launch_merge(const MergeLaunch& launch, cudaStream_t stream) {
   if (launch.num_blocks == 0) return;
   MergeParams params;
-  params.table_device = launch.table_device;
-  params.groups_offset = launch.groups_offset;
-  params.tasks_offset = launch.tasks_offset;
+  copy_shared_params(launch, params);
   params.thresholds = launch.thresholds;
-  params.density = launch.density;
-  params.keep_bound = launch.keep_bound;
-  params.num_groups = launch.num_groups;
-  params.pruning = static_cast<int32_t>(launch.pruning);
-  params.rescale = launch.rescale;
-  memcpy(params.table_inline, launch.table_inline, sizeof(params.table_inline));
-  LM_DISPATCH_DTYPE(launch.task_dtype, scalar_t, [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      launch_typed<double, double>(launch, params, stream);  // float64 tasks: always float64
-    } else if (launch.wide_acc) {
-      launch_typed<scalar_t, double>(launch, params, stream);
-    } else {
-      launch_typed<scalar_t, float>(launch, params, stream);
-    }
+  with_task_and_acc_types(launch.task_dtype, launch.wide_acc, [&](auto task, auto acc) {
+    launch_typed<decltype(task), decltype(acc)>(launch, params, stream);
   });
 }
 

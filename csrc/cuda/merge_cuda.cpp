@@ -20,26 +20,12 @@
 
 #include "../common/counter_rng.h"
 #include "../device_ops.h"
+#include "host_dtype.h"
 #include "launch.h"
 
 namespace lorax_merge {
 namespace cuda {
 namespace {
-
-Dtype dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return Dtype::kFloat;
-    case at::kHalf:
-      return Dtype::kHalf;
-    case at::kBFloat16:
-      return Dtype::kBFloat16;
-    case at::kDouble:
-      return Dtype::kDouble;
-    default:
-      TORCH_CHECK_TYPE(false, "lorax_merge: unsupported dtype ", t);
-  }
-}
 
 bool aligned_to(const void* p, int alignment) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(alignment) == 0;

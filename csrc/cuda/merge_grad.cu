@@ -6,7 +6,6 @@
 // task gradients and adds its weight-gradient terms in order; the block folds the lane sums by
 // halving, as the CPU does (weight_grad_sum.h), and a second launch adds the chunk sums in the
 // fixed pairwise tree. No atomics: the bits do not depend on scheduling.
-#include <type_traits>
 
 #include <c10/cuda/CUDAException.h>
 
@@ -242,25 +241,11 @@ void disjoint_backward_typed(const void* grad, const bool* mask, void* out, int6
 void launch_merge_backward(const GradLaunch& launch, cudaStream_t stream) {
   if (launch.num_blocks == 0) return;
   GradParams params;
-  params.table_device = launch.table_device;
-  params.groups_offset = launch.groups_offset;
-  params.tasks_offset = launch.tasks_offset;
+  copy_shared_params(launch, params);
   params.chunk_sums = launch.chunk_sums;
-  params.density = launch.density;
-  params.keep_bound = launch.keep_bound;
   params.index_offset = launch.index_offset;
-  params.num_groups = launch.num_groups;
-  params.pruning = static_cast<int32_t>(launch.pruning);
-  params.rescale = launch.rescale;
-  memcpy(params.table_inline, launch.table_inline, sizeof(params.table_inline));
-  LM_DISPATCH_DTYPE(launch.task_dtype, scalar_t, [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      launch_typed<double, double>(launch, params, stream);  // float64 tasks: always float64
-    } else if (launch.wide_acc) {
-      launch_typed<scalar_t, double>(launch, params, stream);
-    } else {
-      launch_typed<scalar_t, float>(launch, params, stream);
-    }
+  with_task_and_acc_types(launch.task_dtype, launch.wide_acc, [&](auto task, auto acc) {
+    launch_typed<decltype(task), decltype(acc)>(launch, params, stream);
   });
   if (launch.chunk_sums != nullptr) {
     weight_grad_tree_kernel<<<static_cast<unsigned int>(launch.num_groups), kTreeThreads, 0,

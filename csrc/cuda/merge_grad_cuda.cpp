@@ -16,24 +16,11 @@
 #include "../common/counter_rng.h"
 #include "../grad_ops.h"
 #include "grad_launch.h"
+#include "host_dtype.h"
 
 namespace lorax_merge {
 namespace cuda {
 namespace {
-
-Dtype grad_dtype_of(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return Dtype::kHalf;
-    case at::kBFloat16:
-      return Dtype::kBFloat16;
-    case at::kDouble:
-      return Dtype::kDouble;
-    default:
-      TORCH_CHECK_TYPE(t == at::kFloat, "lorax_merge: unsupported dtype ", t);
-      return Dtype::kFloat;
-  }
-}
 
 // The group and task arrays of one launch, each on a 16-byte boundary, inside the kernel
 // parameters when they fit, else copied to the device (asynchronously, from memory the copy
@@ -69,7 +56,7 @@ void run_grad_bucket(const std::vector<MergeGradRequest>& requests,
   const at::ScalarType task_type = first.tasks[0].scalar_type();
   const bool want_weights = requests[members[0]].weight_grads.defined();
   GradLaunch launch;
-  launch.task_dtype = grad_dtype_of(task_type);
+  launch.task_dtype = dtype_of(task_type);
   launch.wide_acc = accumulate_type(task_type, first.out.scalar_type()) == at::kDouble;
   launch.election = first.election;
   launch.pruning = first.prunes() ? first.pruning : Pruning::kNone;
@@ -95,7 +82,7 @@ void run_grad_bucket(const std::vector<MergeGradRequest>& requests,
     group.sums_begin = slots;
     group.first_task = static_cast<int32_t>(tasks.size());
     group.num_tasks = static_cast<int32_t>(r.tasks.size());
-    group.grad_dtype = static_cast<int32_t>(grad_dtype_of(r.out.scalar_type()));
+    group.grad_dtype = static_cast<int32_t>(dtype_of(r.out.scalar_type()));
     blocks += grad_chunks(numel);
     slots += grad_chunks(numel) * r.num_tasks();
     const bool host = r.weights.device().is_cpu();
@@ -161,7 +148,7 @@ struct CudaGradKernels {
     if (out.numel() == 0) return;
     c10::cuda::CUDAGuard guard(grad.device());
     const int64_t rows = mask.size(0);
-    launch_disjoint_merge_backward(grad_dtype_of(out.scalar_type()), grad.const_data_ptr(),
+    launch_disjoint_merge_backward(dtype_of(out.scalar_type()), grad.const_data_ptr(),
                                    mask.const_data_ptr<bool>(), out.data_ptr(), rows,
                                    out.numel() / rows,
                                    c10::cuda::getCurrentCUDAStream(grad.device().index()).stream());

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "../kernel_api.h"
+#include "element_dispatch.h"
 #include "merge_grad_tiles.h"
 
 namespace lorax_merge {
@@ -17,23 +18,8 @@ namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// f(scalar_t{}) for the element type `type`.
-template <typename Fn>
-inline auto with_task_type(ElementType type, const Fn& fn) {
-  switch (type) {
-    case ElementType::kDouble:
-      return fn(double{});
-    case ElementType::kHalf:
-      return fn(c10::Half{});
-    case ElementType::kBFloat16:
-      return fn(c10::BFloat16{});
-    default:
-      return fn(float{});
-  }
-}
-
 void merge_grad_blocks(const TileGrad& m, int64_t block_begin, int64_t block_end, void* scratch) {
-  with_task_type(m.task_type, [&](auto tag) {
+  with_element_type(m.task_type, [&](auto tag) {
     using scalar_t = decltype(tag);
     if (m.wide) {
       merge_grad_blocks_elected<scalar_t, double>(m, block_begin, block_end, scratch);
@@ -45,7 +31,7 @@ void merge_grad_blocks(const TileGrad& m, int64_t block_begin, int64_t block_end
 
 void disjoint_merge_grad(ElementType type, const void* grad, const bool* mask, int64_t n,
                          int64_t positions, int64_t begin, int64_t end, void* out) {
-  with_task_type(type, [&](auto tag) {
+  with_element_type(type, [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = typename OpMath<scalar_t>::type;
     disjoint_merge_grad_typed(static_cast<const acc_t*>(grad), mask, n, positions, begin, end,

@@ -11,6 +11,7 @@
 #endif
 
 #include "../kernel_api.h"
+#include "element_dispatch.h"
 #include "merge_tiles.h"
 #include "selection.h"
 #include "stacked.h"
@@ -19,21 +20,6 @@ namespace lorax_merge {
 namespace cpu {
 namespace CPU_CAPABILITY {
 namespace {
-
-// f(scalar_t{}) for the element type `type`.
-template <typename Fn>
-inline auto with_element_type(ElementType type, const Fn& fn) {
-  switch (type) {
-    case ElementType::kDouble:
-      return fn(double{});
-    case ElementType::kHalf:
-      return fn(c10::Half{});
-    case ElementType::kBFloat16:
-      return fn(c10::BFloat16{});
-    default:
-      return fn(float{});
-  }
-}
 
 void merge_tiles(const TileMerge& m, int64_t tile_begin, int64_t tile_end) {
   with_element_type(m.task_type, [&](auto tag) {
