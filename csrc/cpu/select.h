@@ -142,6 +142,20 @@ DigitPick pick_digit_from_top_blocked(const count_t* histogram, int64_t bins, in
 // all bits at or above `shift`.
 inline MagnitudeThreshold threshold_from_candidates(Candidate* first, Candidate* last, int64_t rank,
                                                     int shift, int64_t n, uint64_t base = 0) {
+  // A short list (the usual case): ordered by key, largest first, by insertion, which keeps
+  // index order among equal keys. The equal keys around the rank-th are then in index order.
+  constexpr int64_t kShortList = 32;
+  if (last - first <= kShortList) {
+    for (Candidate* c = first + 1; c < last; ++c) {
+      const Candidate moving = *c;
+      Candidate* to = c;
+      for (; to > first && (to - 1)->key < moving.key; --to) *to = *(to - 1);
+      *to = moving;
+    }
+    const Candidate& at = first[rank - 1];
+    const bool last_equal = rank == last - first || first[rank].key != at.key;
+    return MagnitudeThreshold{at.key, last_equal ? n : at.index + 1};
+  }
   // Digits of (key - base): with a bracket's lower end as the base, only the bits that
   // vary inside the bracket are resolved.
   constexpr int kDigitBits = 11;
@@ -325,7 +339,8 @@ MagnitudeThreshold resolve_candidates(const BracketCandidates<stored_key_t>& fou
   while (list_bits < kDigitBits && (int64_t(1) << list_bits) < found.total()) ++list_bits;
   const int bits = std::min(list_bits, span_bits);
   const int shift = span_bits - bits;
-  uint32_t counts[int64_t(1) << kDigitBits] = {};
+  uint32_t counts[int64_t(1) << kDigitBits];
+  std::fill_n(counts, int64_t(1) << bits, 0u);
   for (int64_t c = 0; c < chunks.count; ++c) {
     const stored_key_t* keys = found.keys + c * found.stride;
     for (int64_t j = 0; j < found.count[c]; ++j) ++counts[(keys[j] - lo) >> shift];
