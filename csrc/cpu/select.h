@@ -202,16 +202,19 @@ T* thread_scratch(int64_t size) {
   return kept.get();
 }
 
-// Scratch space for the bracket's candidates (keys and offsets): a thread's kept scratch when
-// small, else its own.
-template <typename stored_key_t>
+// Scratch space for a list of candidates (keys and offsets): a thread's kept scratch when
+// small, else its own, freed with it (a thread keeps nothing the size of a large tensor).
+template <typename stored_key_t, ScratchTag kKeysTag, ScratchTag kOffsetsTag>
 class CandidateBuffer {
  public:
-  explicit CandidateBuffer(int64_t size) {
+  CandidateBuffer() = default;
+  explicit CandidateBuffer(int64_t size) { allocate(size); }
+
+  void allocate(int64_t size) {
     constexpr int64_t kKeepBelow = int64_t(1) << 17;
     if (size <= kKeepBelow) {
-      keys_ = thread_scratch<stored_key_t, kCandidateKeys>(size);
-      offsets_ = thread_scratch<uint32_t, kCandidateOffsets>(size);
+      keys_ = thread_scratch<stored_key_t, kKeysTag>(size);
+      offsets_ = thread_scratch<uint32_t, kOffsetsTag>(size);
     } else {
       owned_keys_.reset(new stored_key_t[static_cast<size_t>(size)]);
       owned_offsets_.reset(new uint32_t[static_cast<size_t>(size)]);
@@ -389,8 +392,9 @@ bool bracket_from_sample(const KeySample<key_t>& sample, int64_t population, int
 // is their rank among them.
 template <typename scalar_t, typename stored_key_t>
 bool narrow_candidates(const LevelKernels& kernels, const Chunking& chunks,
-                       BracketCandidates<stored_key_t>& found, uint64_t* lo, uint64_t* hi,
-                       int64_t* rank) {
+                       BracketCandidates<stored_key_t>& found,
+                       CandidateBuffer<stored_key_t, kNarrowKeys, kNarrowOffsets>& storage,
+                       uint64_t* lo, uint64_t* hi, int64_t* rank) {
   const int64_t total = found.total();
   // About total / 10 sampled keys (the sample's cost against the candidates' that it saves),
   // at an odd stride through the candidates of every chunk in turn.
@@ -410,24 +414,26 @@ bool narrow_candidates(const LevelKernels& kernels, const Chunking& chunks,
   sub_lo = std::max<stored_key_t>(sub_lo, static_cast<stored_key_t>(*lo));
   sub_hi = std::min<stored_key_t>(sub_hi, static_cast<stored_key_t>(*hi));
   if (sub_lo > sub_hi) return false;
-  // Each chunk's slice of the narrower list has room for its whole slice of the wider one.
-  stored_key_t* keys_out = thread_scratch<stored_key_t, kNarrowKeys>(found.stride * chunks.count);
-  uint32_t* offsets_out = thread_scratch<uint32_t, kNarrowOffsets>(found.stride * chunks.count);
+  // The narrower list has the wider one's layout: each chunk's slice has room for all of its
+  // slice of the wider one.
+  const int64_t stride = found.stride;
+  const int64_t slice = stride - kCandidateSlack;
+  storage.allocate(stride * chunks.count);
   std::vector<int64_t> count(static_cast<size_t>(chunks.count));
   int64_t above = 0, inside = 0;
   for (int64_t c = 0; c < chunks.count; ++c) {
-    const int64_t slice = found.stride - kCandidateSlack;
-    uint32_t* offsets = offsets_out + c * found.stride;
+    uint32_t* offsets = storage.offsets() + c * stride;
     count[c] = kernels.scan_bracket(stored_key_element_type<stored_key_t>(),
                                     found.keys + c * found.stride, 0, found.count[c], sub_lo,
-                                    sub_hi, keys_out + c * found.stride, offsets, slice, &above);
+                                    sub_hi, storage.keys() + c * stride, offsets, slice, &above);
     // Positions in the wider list become offsets from the chunk's first element.
     const uint32_t* wider = found.offsets + c * found.stride;
     for (int64_t j = 0; j < count[c]; ++j) offsets[j] = wider[offsets[j]];
     inside += count[c];
   }
   if (!(above < *rank && *rank <= above + inside)) return false;
-  found = BracketCandidates<stored_key_t>{keys_out, offsets_out, found.stride, std::move(count)};
+  found = BracketCandidates<stored_key_t>{storage.keys(), storage.offsets(), stride,
+                                          std::move(count)};
   *lo = sub_lo;
   *hi = sub_hi;
   *rank -= above;
@@ -461,7 +467,7 @@ bool select_in_sampled_bracket(const LevelKernels& kernels, const scalar_t* x, i
   // Each chunk copies into its own slice of one buffer and gives up when it is full.
   const int64_t slice = candidate_budget(n) / chunks.count + 1;
   const int64_t stride = slice + kCandidateSlack;
-  CandidateBuffer<stored_key_t> buffer(stride * chunks.count);
+  CandidateBuffer<stored_key_t, kCandidateKeys, kCandidateOffsets> buffer(stride * chunks.count);
   BracketCandidates<stored_key_t> found{buffer.keys(), buffer.offsets(), stride,
                                         std::vector<int64_t>(static_cast<size_t>(chunks.count))};
   std::vector<int64_t> above(static_cast<size_t>(chunks.count), 0);
@@ -485,8 +491,10 @@ bool select_in_sampled_bracket(const LevelKernels& kernels, const scalar_t* x, i
   int64_t rank = k - total_above;
   // A second bracket pays for its sample and scan from a few thousand candidates on.
   constexpr int64_t kNarrowFrom = 2048;
+  CandidateBuffer<stored_key_t, kNarrowKeys, kNarrowOffsets> narrow_buffer;
   if (total_in >= kNarrowFrom) {
-    narrow_candidates<scalar_t>(kernels, chunks, found, &bracket_lo, &bracket_hi, &rank);
+    narrow_candidates<scalar_t>(kernels, chunks, found, narrow_buffer, &bracket_lo, &bracket_hi,
+                                &rank);
   }
   *result = resolve_candidates(found, chunks, n, bracket_lo, bracket_hi, rank);
   return true;
