@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from ._validation import check_density, check_majority_sign_method, check_strategy
+from ._validation import (
+    check_density,
+    check_majority_sign_method,
+    check_strategy,
+    in_task_dtype,
+)
+from .adapter_configs import adapter_labels
+from .adapters import _collect
 from .api import merge_many
 from .seeds import check_seed, derive_tensor_seed, draw_seed
 from .strategy_table import LINEAR
@@ -69,31 +76,17 @@ class _MergePlan:
     """The adapters' tensors grouped by name, ready for one ``merge_many`` call per step."""
 
     def __init__(self, adapters: Sequence[Mapping[str, torch.Tensor]]) -> None:
-        members: dict[str, list[tuple[int, torch.Tensor]]] = {}
-        for i, adapter in enumerate(adapters):
-            if not isinstance(adapter, Mapping):
-                raise TypeError(
-                    f"adapters[{i}] is a {type(adapter).__name__}; expected a mapping from "
-                    "tensor name to tensor"
-                )
-            for name, tensor in adapter.items():
-                if not isinstance(tensor, torch.Tensor):
-                    raise TypeError(f"adapters[{i}][{name!r}] is not a tensor")
-                members.setdefault(name, []).append((i, tensor.detach()))
+        # merge_adapters' grouping and checks; the tensors are constants of the optimisation,
+        # converted to their group's common dtype once here rather than at every step.
+        members = _collect(adapters, adapter_labels(None, len(adapters)), None)
         if not members:
             raise ValueError("adapters: no tensors to merge")
-        self.names = sorted(members)
+        self.names = list(members)
         self.modules = tuple(sorted({module_name(n) for n in self.names}))
         row = {m: r for r, m in enumerate(self.modules)}
         self.rows = [row[module_name(n)] for n in self.names]
-        self.groups = []
-        self.indices = []
-        for name in self.names:
-            dtype = members[name][0][1].dtype
-            for _, t in members[name]:
-                dtype = torch.promote_types(dtype, t.dtype)
-            self.groups.append([t.to(dtype) for _, t in members[name]])
-            self.indices.append(torch.tensor([i for i, _ in members[name]]))
+        self.groups = [in_task_dtype([t.detach() for _, t in members[n]]) for n in self.names]
+        self.indices = [torch.tensor([i for i, _ in members[n]]) for n in self.names]
         self.device = self.groups[0][0].device
         self.indices = [idx.to(self.device) for idx in self.indices]
 
