@@ -24,20 +24,11 @@ MergeGradBatch make_grad_batch(at::TensorList grads, at::TensorList tasks,
   const int64_t num_groups = static_cast<int64_t>(group_sizes.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(grads.size()) == num_groups, "lorax_merge: grads has ",
                     grads.size(), " entries but there are ", num_groups, " groups");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(seeds.size()) == num_groups, "lorax_merge: seeds has ",
-                    seeds.size(), " entries but there are ", num_groups, " groups");
+  check_groups(group_sizes, seeds, tasks.size());
+  const int64_t total = static_cast<int64_t>(tasks.size());  // the group sizes' sum
   TORCH_CHECK_VALUE(weights.dim() == 1 && weights.numel() == static_cast<int64_t>(tasks.size()),
                     "lorax_merge: weights must hold one entry per task (", tasks.size(),
                     "), got shape ", weights.sizes());
-  int64_t total = 0;
-  for (int64_t g = 0; g < num_groups; ++g) {
-    TORCH_CHECK_VALUE(group_sizes[g] >= 1, "lorax_merge: groups[", g,
-                      "] is empty; each group needs at least one tensor");
-    total += group_sizes[g];
-  }
-  TORCH_CHECK_VALUE(total == static_cast<int64_t>(tasks.size()),
-                    "lorax_merge: group sizes add up to ", total, " but ", tasks.size(),
-                    " tensors were given");
   const bool by_magnitude =
       parse_pruning(pruning) == Pruning::kMagnitude && density < 1.0 && num_groups > 0;
   at::Tensor all_thresholds;

@@ -56,6 +56,20 @@ void check_tasks(at::TensorList tasks, const char* arg) {
   }
 }
 
+void check_groups(at::IntArrayRef group_sizes, at::IntArrayRef seeds, size_t num_tasks) {
+  const int64_t num_groups = static_cast<int64_t>(group_sizes.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(seeds.size()) == num_groups, "lorax_merge: seeds has ",
+                    seeds.size(), " entries but there are ", num_groups, " groups");
+  int64_t total = 0;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    TORCH_CHECK_VALUE(group_sizes[g] >= 1, "lorax_merge: groups[", g,
+                      "] is empty; each group needs at least one tensor");
+    total += group_sizes[g];
+  }
+  TORCH_CHECK_VALUE(total == static_cast<int64_t>(num_tasks), "lorax_merge: group sizes add up to ",
+                    total, " but ", num_tasks, " tensors were given");
+}
+
 void check_weights(const at::Tensor& weights, int64_t num_tasks, const at::Tensor& first_task) {
   TORCH_CHECK_VALUE(weights.defined(), "lorax_merge: weights is undefined");
   TORCH_CHECK_VALUE(weights.dim() == 1, "lorax_merge: weights must be 1-D, got shape ",
@@ -153,21 +167,12 @@ std::vector<MergeRequest> make_group_requests(at::TensorList tasks, at::IntArray
                                               bool rescale, at::IntArrayRef seeds,
                                               at::ScalarType out_dtype) {
   const int64_t num_groups = static_cast<int64_t>(group_sizes.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(seeds.size()) == num_groups, "lorax_merge: seeds has ",
-                    seeds.size(), " entries but there are ", num_groups, " groups");
+  check_groups(group_sizes, seeds, tasks.size());
   TORCH_CHECK_VALUE(weights.dim() == 1, "lorax_merge: weights must be 1-D, got shape ",
                     weights.sizes());
-  int64_t total = 0;
-  for (int64_t g = 0; g < num_groups; ++g) {
-    TORCH_CHECK_VALUE(group_sizes[g] >= 1, "lorax_merge: groups[", g,
-                      "] is empty; each group needs at least one tensor");
-    total += group_sizes[g];
-  }
-  TORCH_CHECK_VALUE(total == static_cast<int64_t>(tasks.size()),
-                    "lorax_merge: group sizes add up to ", total, " but ", tasks.size(),
-                    " tensors were given");
-  TORCH_CHECK_VALUE(weights.numel() == total, "lorax_merge: weights has ", weights.numel(),
-                    " entries but there are ", total, " tensors in all groups");
+  TORCH_CHECK_VALUE(weights.numel() == static_cast<int64_t>(tasks.size()),
+                    "lorax_merge: weights has ", weights.numel(), " entries but there are ",
+                    tasks.size(), " tensors in all groups");
   if (num_groups == 0) return {};
   std::vector<MergeRequest> requests;
   requests.reserve(num_groups);

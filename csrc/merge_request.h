@@ -47,6 +47,8 @@ void check_float_dtype(const at::Tensor& t, const char* arg);
 void check_tasks(at::TensorList tasks, const char* arg = "tasks");
 void check_weights(const at::Tensor& weights, int64_t num_tasks, const at::Tensor& first_task);
 void check_out(const at::Tensor& out, const at::Tensor& first_task, at::ScalarType dtype);
+// A batch of groups: one seed per group, no empty group, group sizes adding up to num_tasks.
+void check_groups(at::IntArrayRef group_sizes, at::IntArrayRef seeds, size_t num_tasks);
 
 // float64 when the tasks or the result are float64, else float32.
 at::ScalarType accumulate_type(at::ScalarType task_dtype, at::ScalarType out_dtype);
