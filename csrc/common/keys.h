@@ -115,10 +115,19 @@ struct DigitPick {
   int64_t count_in_digit;
 };
 
+// Sixteen bins a step first (a block whose count does not reach the rank holds no pick), so a
+// wide histogram takes a few hundred steps rather than thousands.
 template <typename count_t>
 LM_HOST_DEVICE DigitPick pick_digit_from_top(const count_t* histogram, int64_t bins, int64_t rank) {
-  int64_t above = 0;
-  for (int64_t d = bins - 1; d >= 0; --d) {
+  constexpr int64_t kBlock = 16;
+  int64_t above = 0, end = bins;  // the bins at and above `end` hold `above` keys
+  for (; end >= kBlock; end -= kBlock) {
+    int64_t block = 0;
+    for (int64_t b = end - kBlock; b < end; ++b) block += static_cast<int64_t>(histogram[b]);
+    if (above + block >= rank) break;
+    above += block;
+  }
+  for (int64_t d = end - 1; d >= 0; --d) {
     const int64_t c = static_cast<int64_t>(histogram[d]);
     if (above + c >= rank) return DigitPick{d, rank - above, c};
     above += c;

@@ -110,8 +110,8 @@ void select_thresholds(const LevelKernels& kernels, std::vector<PreparedMerge>& 
     if (m.tiles.pruning != Pruning::kMagnitude || m.thresholds_given) continue;
     m.thresholds.resize(m.tasks.size());
     for (size_t t = 0; t < m.tasks.size(); ++t) {
-      jobs.push_back(SelectionJob{m.tasks[t], m.tiles.numel, m.task_dtype, m.tiles.density,
-                                  &m.thresholds[t]});
+      jobs.push_back(
+          SelectionJob{m.tasks[t], m.tiles.numel, m.task_dtype, m.tiles.density, &m.thresholds[t]});
     }
   }
   run_selections(kernels, jobs);

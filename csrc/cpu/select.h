@@ -117,26 +117,6 @@ inline int64_t candidate_budget(int64_t n) {
   return std::max<int64_t>(n / 8, 16384);
 }
 
-// pick_digit_from_top (keys.h) sixteen bins at a step: the same pick, in a few hundred steps
-// rather than thousands for a wide histogram.
-template <typename count_t>
-DigitPick pick_digit_from_top_blocked(const count_t* histogram, int64_t bins, int64_t rank) {
-  constexpr int64_t kBlock = 16;
-  int64_t above = 0, end = bins;  // the bins at and above `end` hold `above` keys
-  for (; end >= kBlock; end -= kBlock) {
-    int64_t block = 0;
-    for (int64_t b = end - kBlock; b < end; ++b) block += static_cast<int64_t>(histogram[b]);
-    if (above + block >= rank) break;
-    above += block;
-  }
-  for (int64_t d = end - 1; d >= 0; --d) {
-    const int64_t c = static_cast<int64_t>(histogram[d]);
-    if (above + c >= rank) return DigitPick{d, rank - above, c};
-    above += c;
-  }
-  return DigitPick{0, rank - above, 0};
-}
-
 // Threshold from the elements that can hold it, given in index order, when `rank`
 // (1-based, from the top) is the threshold's rank among them and their keys agree on
 // all bits at or above `shift`.
@@ -168,7 +148,7 @@ inline MagnitudeThreshold threshold_from_candidates(Candidate* first, Candidate*
     for (const Candidate* c = first; c != last; ++c) {
       ++counts[((c->key - base) >> shift) & (bins - 1)];
     }
-    const DigitPick pick = pick_digit_from_top_blocked(counts.data(), bins, rank);
+    const DigitPick pick = pick_digit_from_top(counts.data(), bins, rank);
     rank = pick.rank_in_digit;
     const uint64_t digit = static_cast<uint64_t>(pick.digit);
     // Keep only the chosen bucket; the order, and so index order, is preserved.
@@ -261,8 +241,8 @@ struct KeySample {
 // more than a few keys, a second digit of up to 9 bits over the keys of that bin narrows it.
 // The bounds are rounded outwards to the edges of the bins; cheaper than ordering the sample.
 template <typename key_t>
-void sample_bounds(const KeySample<key_t>& sample, int64_t hi_rank, int64_t lo_rank,
-                   key_t nan_key, key_t* lo, key_t* hi) {
+void sample_bounds(const KeySample<key_t>& sample, int64_t hi_rank, int64_t lo_rank, key_t nan_key,
+                   key_t* lo, key_t* hi) {
   constexpr int kDigitBits = 11;
   constexpr int64_t kFewInBin = 8;  // a bin this full is narrow enough as it is
   int span_bits = 1;
@@ -279,8 +259,8 @@ void sample_bounds(const KeySample<key_t>& sample, int64_t hi_rank, int64_t lo_r
   uint32_t counts[int64_t(1) << kDigitBits] = {};
   for (const key_t key : sample.keys) ++counts[offset(key) >> shift1];
   const int64_t bins = int64_t(1) << (span_bits - shift1);
-  const DigitPick first_hi = pick_digit_from_top_blocked(counts, bins, has_hi ? hi_rank : 1);
-  const DigitPick first_lo = pick_digit_from_top_blocked(counts, bins, has_lo ? lo_rank : size);
+  const DigitPick first_hi = pick_digit_from_top(counts, bins, has_hi ? hi_rank : 1);
+  const DigitPick first_lo = pick_digit_from_top(counts, bins, has_lo ? lo_rank : size);
   // The lower edge of the bin of a bound, or of the second-digit bin inside it.
   auto edge = [&](const DigitPick& first) {
     uint64_t at = static_cast<uint64_t>(first.digit) << shift1;
@@ -292,8 +272,7 @@ void sample_bounds(const KeySample<key_t>& sample, int64_t hi_rank, int64_t lo_r
           ++second[(offset(key) >> shift2) & ((uint64_t(1) << bits2) - 1)];
         }
       }
-      const DigitPick pick =
-          pick_digit_from_top_blocked(second, int64_t(1) << bits2, first.rank_in_digit);
+      const DigitPick pick = pick_digit_from_top(second, int64_t(1) << bits2, first.rank_in_digit);
       at |= static_cast<uint64_t>(pick.digit) << shift2;
       below = shift2;
     }
@@ -348,7 +327,7 @@ MagnitudeThreshold resolve_candidates(const BracketCandidates<stored_key_t>& fou
     const stored_key_t* keys = found.keys + c * found.stride;
     for (int64_t j = 0; j < found.count[c]; ++j) ++counts[(keys[j] - lo) >> shift];
   }
-  const DigitPick pick = pick_digit_from_top_blocked(counts, int64_t(1) << bits, rank);
+  const DigitPick pick = pick_digit_from_top(counts, int64_t(1) << bits, rank);
   // The chosen bin's keys, as a range: one comparison each, no division into digits.
   const uint64_t bin_lo = lo + (static_cast<uint64_t>(pick.digit) << shift);
   const uint64_t bin_hi = bin_lo + ((uint64_t(1) << shift) - 1);
@@ -432,8 +411,8 @@ bool narrow_candidates(const LevelKernels& kernels, const Chunking& chunks,
     inside += count[c];
   }
   if (!(above < *rank && *rank <= above + inside)) return false;
-  found = BracketCandidates<stored_key_t>{storage.keys(), storage.offsets(), stride,
-                                          std::move(count)};
+  found =
+      BracketCandidates<stored_key_t>{storage.keys(), storage.offsets(), stride, std::move(count)};
   *lo = sub_lo;
   *hi = sub_hi;
   *rank -= above;
@@ -514,7 +493,7 @@ MagnitudeThreshold select_magnitude_threshold(const LevelKernels& kernels, const
   const int first_bits = kKeyBits <= 16 ? kKeyBits : kDigitBits;
   int shift = kKeyBits - first_bits;
   DigitHistogram hist = digit_histogram(kernels, x, n, chunks, shift, first_bits, 0, 0);
-  DigitPick pick = pick_digit_from_top_blocked(hist.total.data(), hist.bins, k);
+  DigitPick pick = pick_digit_from_top(hist.total.data(), hist.bins, k);
   uint64_t prefix = static_cast<uint64_t>(pick.digit) << shift;
   uint64_t prefix_mask = ((uint64_t(1) << first_bits) - 1) << shift;
   int64_t rank = pick.rank_in_digit;
@@ -537,7 +516,7 @@ MagnitudeThreshold select_magnitude_threshold(const LevelKernels& kernels, const
     const int bits = std::min(kDigitBits, shift);
     shift -= bits;
     hist = digit_histogram(kernels, x, n, chunks, shift, bits, prefix, prefix_mask);
-    pick = pick_digit_from_top_blocked(hist.total.data(), hist.bins, rank);
+    pick = pick_digit_from_top(hist.total.data(), hist.bins, rank);
     rank = pick.rank_in_digit;
     prefix |= static_cast<uint64_t>(pick.digit) << shift;
     prefix_mask |= ((uint64_t(1) << bits) - 1) << shift;

@@ -123,7 +123,8 @@ inline void round_to_task_dtype(acc_t* v, int64_t len) {
 }
 
 template <typename acc_t>
-LM_TILE_INLINE void store_tile(ElementType out_type, const acc_t* v, int64_t len, void* out, int64_t base) {
+LM_TILE_INLINE void store_tile(ElementType out_type, const acc_t* v, int64_t len, void* out,
+                               int64_t base) {
   switch (out_type) {
     case ElementType::kDouble:
       return store_run(v, len, static_cast<double*>(out) + base);
@@ -152,8 +153,8 @@ LM_TILE_INLINE const acc_t* values_of(const scalar_t* x, int64_t len, acc_t* buf
 // v = x pruned to its entries above the task's magnitude threshold (dropped: x * 0);
 // xv is x in acc_t (v may be xv).
 template <typename scalar_t, typename acc_t>
-LM_TILE_INLINE void prune_by_magnitude(const scalar_t* x, const acc_t* xv, int64_t base, int64_t len,
-                               MagnitudeThreshold threshold, acc_t* v) {
+LM_TILE_INLINE void prune_by_magnitude(const scalar_t* x, const acc_t* xv, int64_t base,
+                                       int64_t len, MagnitudeThreshold threshold, acc_t* v) {
   using Traits = KeyTraits<scalar_t>;
   using key_t = typename Traits::key_t;
   // The threshold in the key's own width (keep-nothing becomes {kNaN, cut 0}, which
@@ -206,7 +207,7 @@ LM_TILE_INLINE void prune_by_magnitude(const scalar_t* x, const acc_t* xv, int64
 // the density and rounded to the task dtype when `rescale`. xv is x in acc_t (v may be xv).
 template <typename scalar_t, typename acc_t>
 LM_TILE_INLINE void prune_randomly(const TileMerge& m, int64_t task, const acc_t* xv, int64_t base,
-                           int64_t len, acc_t density, acc_t* v) {
+                                   int64_t len, acc_t density, acc_t* v) {
   // The words of the pairs from the one holding the tile's first flat index: a slice at an
   // odd offset starts on its pair's high word.
   alignas(64) uint32_t pair_words[kTile + 2];
