@@ -36,6 +36,8 @@ trap 'rm -rf "$WORK"' EXIT
 BUDGET_S=${GPU_CHECK_BUDGET_S:-465}
 START_S=$SECONDS
 export PYTHONUNBUFFERED=1
+# A reused output folder starts empty of this script's logs.
+rm -f "$OUT"/{check,build,tests,sanitizer}.log "$OUT"/summary.md "$OUT"/gpu_bench.{md,json}
 exec > >(tee -a "$OUT/check.log") 2>&1
 
 STEP_NAMES=()
@@ -123,8 +125,8 @@ build() {
   TORCH_CUDA_ARCH_LIST="$ARCH" LORAX_MERGE_CUDA=1 LORAX_MERGE_PTXAS_VERBOSE=1 \
     MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
     "$PYTHON" setup.py build_ext --build-temp "$WORK/build" --build-lib "$LIB"
-  # The package's Python files beside the freshly built extension.
-  cp "$REPO"/lorax_merge/*.py "$LIB/lorax_merge/"
+  # The package's Python files (its subpackages too) beside the freshly built extension.
+  (cd "$REPO" && find lorax_merge -name '*.py' -exec cp --parents -t "$LIB" {} +)
   local cuobjdump
   cuobjdump=$(command -v cuobjdump || echo "$CUDA_HOME/bin/cuobjdump")
   if [[ -x $cuobjdump ]]; then
@@ -241,7 +243,9 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("test_*.py")):
     names |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
     missing = [
         m for m in sorted(names)
-        if not (path.parent / f"{m}.py").exists() and importlib.util.find_spec(m) is None
+        # tests/conftest.py puts tests/ and benchmarks/ on sys.path
+        if not any((d / f"{m}.py").exists() for d in (path.parent, path.parent.parent / "benchmarks"))
+        and importlib.util.find_spec(m) is None
     ]
     if missing:
         print(f"--ignore={path}")
