@@ -178,7 +178,7 @@ views, one-block and spread selections, trivial densities, tables inline and upl
 import torch
 
 import lorax_merge
-from lorax_merge import utils
+from lorax_merge import delta, utils
 
 torch.manual_seed(0)
 dev = "cuda"
@@ -208,6 +208,19 @@ lorax_merge.merge_many(groups, weights, strategy="dare_ties", density=0.4, seed=
 stacked = torch.randn(3, 1001, device=dev)
 for method in ("total", "frequency"):
     utils.disjoint_merge(stacked, utils.calculate_majority_sign_mask(stacked, method))
+# gradients: the fused backward (magnitude and DARE), the weight-gradient tree, the
+# disjoint-merge backward
+leaves = [torch.randn(4099, device=dev, requires_grad=True) for _ in range(3)]
+w_leaf = w_gpu.clone().requires_grad_(True)
+for strategy in strategies:
+    lorax_merge.merge(leaves, w_leaf, strategy, density=0.3, seed=1).square().sum().backward()
+stacked.requires_grad_(True)
+mask = utils.calculate_majority_sign_mask(stacked.detach(), "total")
+utils.disjoint_merge(stacked, mask).square().sum().backward()
+# LoRA deltas and a delta-space merge of them
+lora_a = [torch.randn(8, 257, device=dev) for _ in range(3)]
+lora_b = [torch.randn(300, 8, device=dev) for _ in range(3)]
+delta.merged_delta(lora_a, lora_b, [1.0, 0.5, 2.0], [0.5, -1.0, 2.0], "ties_svd", density=0.4)
 torch.cuda.synchronize()
 print("workload done")
 PYEOF

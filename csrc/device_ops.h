@@ -71,6 +71,14 @@ struct DeviceOps {
     request.index_offset = index_offset;
     request.thresholds = check_slice(thresholds.value_or(at::Tensor()), index_offset,
                                      request.num_tasks(), request.tasks[0]);
+    if (!request.thresholds.defined() && index_offset > 0 && request.prunes() &&
+        request.pruning == Pruning::kMagnitude) {
+      // Selected from the slice, whose tie cut counts from the slice's first element; the
+      // kernels compare it with indices in the sliced tensors.
+      request.thresholds = new_thresholds_output(request.tasks, density);
+      Kernels::magnitude_thresholds(request.tasks, density, request.thresholds);
+      request.thresholds.select(1, 1).add_(index_offset);
+    }
     Kernels::fused_merge(request);
   }
 

@@ -32,9 +32,21 @@ def _prunes_by_magnitude(pruning: str, density: float) -> bool:
     return pruning == "magnitude" and density < 1
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_CANONICAL_HALF_NAN_BITS = 0x7FFF  # csrc/common/canonical_nan.h
+
+
 def _weight_grad(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The op's float64 weight gradient as the weights' own dtype and device."""
-    return grad.to(device=weights.device, dtype=weights.dtype)
+    """The op's float64 weight gradient as the weights' own dtype and device.
+
+    The op writes the canonical float64 NaN, which both devices convert to the canonical
+    float32 one; a conversion to a 16-bit dtype gives another NaN on the CPU than on the GPU,
+    so those NaNs are rewritten as the canonical 16-bit pattern.
+    """
+    converted = grad.to(device=weights.device, dtype=weights.dtype)
+    if weights.dtype in _HALF_DTYPES:
+        converted.view(torch.int16).masked_fill_(converted.isnan(), _CANONICAL_HALF_NAN_BITS)
+    return converted
 
 
 def _task_grads(grads: list[torch.Tensor], needs: list[bool]) -> list[torch.Tensor | None]:
@@ -56,6 +68,8 @@ def _merges_backward(ctx, grads, tasks, weights, group_sizes, seeds, offset, thr
     needs_tasks, needs_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[ctx.weights_index]
     if thresholds is None and _prunes_by_magnitude(pruning, density) and tasks:
         thresholds = _group_thresholds(tasks, group_sizes, density)
+        if offset:  # selected from a slice, as the forward did: tie cut in the slice's indices
+            thresholds[:, 1] += offset
     args = (pruning, election, density, rescale, seeds, offset, thresholds)
     task_grads, weight_grads = ops.merge_backward(
         grads, tasks, group_sizes, weights, *args, any(needs_tasks), needs_weights

@@ -520,6 +520,43 @@ def test_graph_capture_of_a_small_merge_many_and_refusal_of_a_large_one():
             lorax_merge.merge_many(many, [1.0, -2.0], **kw)
 
 
+def test_a_refused_capture_enqueues_nothing():
+    # float32 groups whose table fits in a launch, then bfloat16 groups whose table does not:
+    # the batch is refused before the float32 merges are enqueued, so the graph stays empty
+    # (no orphan kernels writing into memory the capture frees).
+    small = [make_tasks(3, (300,), torch.float32, seed=g, device="cuda") for g in range(4)]
+    large = [make_tasks(3, (200,), torch.bfloat16, seed=g, device="cuda") for g in range(60)]
+    lorax_merge.merge_many(small + large, WEIGHTS3, strategy="ties", density=0.5)  # warm-up
+    torch.cuda.synchronize()
+    with pytest.warns(UserWarning, match="CUDA Graph is empty"):
+        with pytest.raises(ValueError, match="CUDA graph"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                lorax_merge.merge_many(small + large, WEIGHTS3, strategy="ties", density=0.5)
+
+
+def test_the_backward_of_a_large_batch_refuses_a_capture():
+    # 25 groups of 3 tasks: the forward's table travels with its launch, the backward's
+    # (larger descriptors) does not, and is refused with the forward's error.
+    groups = [
+        [t.requires_grad_(True) for t in make_tasks(3, (64,), torch.float32, seed=g, device="cuda")]
+        for g in range(25)
+    ]
+    weights = torch.tensor(WEIGHTS3, device="cuda", requires_grad=True)
+
+    def loss():
+        return sum(o.sum() for o in lorax_merge.merge_many(groups, weights, strategy="linear"))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up, as torch's graph capture of a backward wants
+        loss().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match="CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            loss().backward()
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_graph_capture_and_replay_of_merge_many_with_device_weights(strategy):
     groups = [

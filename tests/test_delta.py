@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CANONICAL_NAN_BITS, unsigned_bits
 
 import lorax_merge
 from lorax_merge import delta, delta_adapters
@@ -81,6 +82,21 @@ def test_lora_delta_rows_are_the_same_whatever_rows_are_computed_together(device
         part = torch.empty(hi - lo, 45, dtype=dtype, device=device)
         torch.ops.lorax_merge.lora_delta_out(a[0], b[0], 0.75, lo, part)
         assert torch.equal(_bits(part), _bits(whole[lo:hi]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_lora_delta_writes_the_canonical_nan(device, dtype):
+    """NaN entries (a NaN factor, or Inf * 0) carry the dtype's one NaN pattern on every
+    device, as merge results do (x86 would give a negative NaN for -Inf * 0)."""
+    a, b, _, _ = _module(d=9, k=7, ranks=(4,), dtype=dtype, device=device)
+    a, b = a[0].clone(), b[0].clone()
+    b[1, 2], a[2, :] = -math.inf, 0.0  # row 1: -Inf * 0 in every column
+    a[0, 3] = -math.nan  # column 3: a negative NaN in every row
+    out = delta.lora_delta(a, b, 0.5)
+    nan = torch.isnan(out)
+    assert bool(nan[1].all()) and bool(nan[:, 3].all())
+    assert set(unsigned_bits(out[nan])) == {CANONICAL_NAN_BITS[dtype]}
+    assert not bool(nan[0, :3].any()), "finite entries stay finite"
 
 
 def test_lora_delta_op_checks_and_opcheck():
@@ -324,6 +340,10 @@ def test_cuda_deltas_and_merged_deltas_have_the_cpu_bits(strategy):
     on_gpu = ([x.cuda() for x in a], [x.cuda() for x in b])
     assert torch.equal(_bits(delta.lora_delta(on_gpu[0][1], on_gpu[1][1], 0.3).cpu()),
                        _bits(delta.lora_delta(a[1], b[1], 0.3)))  # fmt: skip
+    a_nan, b_nan = a[1].clone(), b[1].clone()
+    a_nan[0, 5], b_nan[3, 1], a_nan[1, :] = -math.nan, math.inf, 0.0  # NaN and Inf * 0 entries
+    assert torch.equal(_bits(delta.lora_delta(a_nan.cuda(), b_nan.cuda(), 0.3).cpu()),
+                       _bits(delta.lora_delta(a_nan, b_nan, 0.3)))  # fmt: skip
     cpu = delta.merged_delta(a, b, s, w, strategy, density=0.4, seed=8)
     gpu = delta.merged_delta(*on_gpu, s, w, strategy, density=0.4, seed=8)
     assert torch.equal(_bits(gpu.cpu()), _bits(cpu))

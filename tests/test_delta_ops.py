@@ -107,6 +107,70 @@ def test_merge_slice_without_thresholds_selects_from_the_slice():
     assert torch.equal(_bits(out), _bits(expected))
 
 
+def _tie_heavy(shape, n, device, seed):
+    values = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0])
+    g = torch.Generator().manual_seed(seed)
+    return [values[torch.randint(5, shape, generator=g)].to(device) for _ in range(n)]
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES if r[1] == "magnitude"], ids=lambda r: r[2])
+def test_a_slice_selecting_its_own_thresholds_cuts_ties_from_its_start(device, rule):
+    """Without thresholds the top-k is the slice's own, its tie cut counted from the slice's
+    first element whatever index_offset is (the offset places the slice for DARE's words)."""
+    _, pruning, election, rescale = rule
+    tasks = _tie_heavy((30, 11), 3, device, seed=3)
+
+    def merged(offset, tasks=tasks, election=election):
+        out = torch.empty(30, 11, device=device)
+        weights = torch.ones(len(tasks))
+        ops.merge_slice_out(tasks, weights, pruning, election, 0.4, rescale, 0, offset, None, out)
+        return out
+
+    at_zero = merged(0)
+    for offset in (8, 1001):
+        assert torch.equal(_bits(merged(offset)), _bits(at_zero)), offset
+    # exactly int(0.4 * 330) entries of one task are kept, every one nonzero here
+    kept = merged(8, tasks[:1], "none")
+    assert int(kept.count_nonzero()) == int(0.4 * 330)
+
+
+def test_the_backward_of_a_slice_selecting_its_own_thresholds():
+    tasks = _tie_heavy((30, 11), 3, "cpu", seed=4)
+    grad_out = torch.randn(30, 11, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for offset in (0, 8):
+        leaves = [t.clone().requires_grad_(True) for t in tasks]
+        w = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+        out = ops.merge_with_thresholds(
+            leaves, w, "magnitude", "total", 0.4, False, 0, offset, None, torch.float32
+        )
+        out.backward(grad_out)
+        grads.append([t.grad for t in leaves] + [w.grad])
+    for at_offset, at_zero in zip(grads[1], grads[0]):
+        assert torch.equal(_bits(at_offset), _bits(at_zero))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_threshold_key_above_the_dtypes_nan_key_keeps_the_nans_before_the_cut(device, dtype):
+    """A threshold of a wider dtype (here float32's key of 1.0) given to 16-bit tasks compares
+    as the NaN key: the NaN entries before the cut are kept and nothing else, in the forward
+    and in the gradient, on every device."""
+    x = torch.randn(12, generator=torch.Generator().manual_seed(5)).to(dtype)
+    x[[2, 5, 9]] = float("nan")
+    thresholds = torch.tensor([[0x3F800000, 6]], dtype=torch.int64)
+    leaf = x.to(device).requires_grad_(True)
+    out = ops.merge_with_thresholds(
+        [leaf], torch.ones(1), "magnitude", "none", 0.5, False, 0, 0, thresholds.to(device),
+        torch.float32,
+    )  # fmt: skip
+    out.backward(torch.ones_like(out))
+    kept = torch.zeros(12)
+    kept[[2, 5]] = 1.0
+    assert torch.equal(leaf.grad.float().cpu(), kept)
+    assert bool(out.isnan()[[2, 5, 9]].all())  # a dropped NaN is NaN * 0
+    assert not bool(out.isnan()[[0, 1, 3, 4, 6, 7, 8, 10, 11]].any())
+
+
 @pytest.mark.parametrize(
     ("thresholds", "offset", "error", "match"),
     [

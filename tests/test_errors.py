@@ -221,6 +221,18 @@ def test_out_and_out_dtype_disagree():
         lorax_merge.merge(_tasks(), [1.0, 1.0, 1.0], out=out, out_dtype=torch.float32)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_out_overlapping_part_of_a_task(strategy):
+    storage = torch.randn(2, 4, 5)
+    tasks = [storage[0], storage[1], torch.randn(4, 5)]
+    shifted = storage.reshape(-1)[3:23].reshape(4, 5)  # the end of task 0, the start of task 1
+    with raises_naming("out", "tasks[0]"):
+        lorax_merge.merge(tasks, [1.0, 1.0, 1.0], strategy, density=0.5, seed=0, out=shifted)
+    wider = storage.reshape(-1)[:20].view(torch.bfloat16)[:20].reshape(4, 5)  # half of task 0
+    with raises_naming("out", "tasks[0]"):
+        lorax_merge.merge(tasks, [1.0, 1.0, 1.0], strategy, density=0.5, seed=0, out=wider)
+
+
 @needs_cuda
 def test_out_on_wrong_device():
     out = torch.empty(4, 5, device="cuda")

@@ -19,12 +19,14 @@ from conftest import CPU_CAPABILITIES, DEVICES
 from grad_reference import reference_gradients, weight_gradient_tolerance
 from helpers import (
     ALL_DTYPES,
+    CANONICAL_NAN_BITS,
     ELECTING_STRATEGIES,
     RANDOM_STRATEGIES,
     STRATEGIES,
     make_tasks,
     merge_kwargs,
     tie_free,
+    unsigned_bits,
 )
 from reference import magnitude_keep_mask
 
@@ -218,6 +220,24 @@ def test_nan_and_inf_as_the_upstream_expression(device, strategy, dtype):
     )
     assert_close_nan_aware(w_grad, ref_w, tol, f"{strategy} weights")
     assert bool(torch.isnan(ref_w).any()), "the case should make a weight gradient NaN"
+
+
+@pytest.mark.parametrize("weights_dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("strategy", ["dare_linear", "dare_ties", "ties"])
+def test_nan_gradients_are_the_canonical_nan(device, strategy, weights_dtype):
+    """A NaN gradient (here Inf * 0 from a dropped or pruned Inf) has the one NaN pattern of
+    its dtype, so that the CPU and the GPU give the same bits (x86 gives a negative NaN)."""
+    tasks = make_tasks(3, (40, 33), torch.float32, "normal", seed=16, device=device)
+    tasks[1][5, 5], tasks[2][7, 1] = -math.inf, math.nan
+    weights = torch.tensor([0.8, -1.7, 0.35], dtype=weights_dtype, device=device)
+    grad_out = torch.randn(40, 33, generator=torch.Generator().manual_seed(6)).to(device)
+    grad_out[0, 0] = math.inf
+    task_grads, w_grad, _ = _merge_grads(tasks, weights, grad_out, strategy, 0.3)
+    assert w_grad.dtype == weights_dtype
+    for what, grad in [("weights", w_grad)] + [(f"task {i}", g) for i, g in enumerate(task_grads)]:
+        nan_bits = set(unsigned_bits(grad[torch.isnan(grad)]))
+        assert nan_bits <= {CANONICAL_NAN_BITS[grad.dtype]}, f"{strategy} {what}: {nan_bits}"
+    assert bool(torch.isnan(w_grad[1:]).all()), "the case should make weight gradients NaN"
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

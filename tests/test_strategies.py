@@ -16,6 +16,7 @@ from helpers import (
     ELECTING_STRATEGIES,
     RANDOM_STRATEGIES,
     STRATEGIES,
+    assert_same_bits,
     assert_unmodified,
     dare_masks,
     make_tasks,
@@ -199,6 +200,17 @@ def test_out_buffer_is_written_and_returned(device, strategy, out_dtype):
     assert_merge_matches(buf, ref, what="out=")
     expected_plain = lorax_merge.merge(tasks, WEIGHTS3, strategy, out_dtype=buf.dtype, **kw)
     assert torch.equal(buf, expected_plain)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_out_may_be_one_of_the_tasks(device, strategy):
+    """Merging into a task's own memory gives the bits of a merge into a new tensor."""
+    tasks = make_tasks(3, (70, 130), torch.float32, "tie_heavy", seed=14, device=device)
+    kw = merge_kwargs(strategy, 0.5)
+    expected = lorax_merge.merge(tasks, WEIGHTS3, strategy, **kw)
+    got = lorax_merge.merge(tasks, WEIGHTS3, strategy, out=tasks[1], **kw)
+    assert got is tasks[1]
+    assert_same_bits(got, expected, strategy)
 
 
 def test_fp64_tasks_with_a_list_of_weights_use_float32_weights(device):

@@ -90,6 +90,17 @@ struct MagnitudeThreshold {
   }
 };
 
+// A threshold's key in the key width of scalar_t, as every kernel compares it: a key above
+// the dtype's NaN key (keep-nothing, or a threshold selected for a wider dtype) becomes the
+// NaN key, so that NaN elements before the cut are kept and nothing else.
+template <typename scalar_t>
+LM_HOST_DEVICE typename KeyTraits<scalar_t>::key_t narrow_threshold_key(
+    const MagnitudeThreshold& threshold) {
+  using Traits = KeyTraits<scalar_t>;
+  return threshold.key > Traits::kNaN ? Traits::kNaN
+                                      : static_cast<typename Traits::key_t>(threshold.key);
+}
+
 LM_HOST_DEVICE MagnitudeThreshold keep_nothing_threshold() {
   return MagnitudeThreshold{~uint64_t(0), 0};
 }

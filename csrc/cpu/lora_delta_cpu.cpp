@@ -30,7 +30,7 @@ void delta_rows(const T* a, const T* b, int64_t rank, int64_t k, int64_t row_beg
         const T* a_row = a + p * k;
         for (int64_t j = 0; j < k; ++j) dst[j] += coefficient * a_row[j];
       }
-      for (int64_t j = 0; j < k; ++j) dst[j] = dst[j] * scale;
+      for (int64_t j = 0; j < k; ++j) dst[j] = lora_delta_scaled(dst[j], scale);
     }
   });
 }

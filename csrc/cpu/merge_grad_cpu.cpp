@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../common/canonical_nan.h"
 #include "../common/counter_rng.h"
 #include "../common/weight_grad_sum.h"
 #include "../grad_ops.h"
@@ -110,7 +111,8 @@ void merge_backward_batch(const std::vector<MergeGradRequest>& requests) {
     double* dst = requests[i].weight_grads.data_ptr<double>();
     const int64_t per_task = grad_chunks(m.tiles.numel);
     for (int64_t t = 0; t < m.tiles.num_tasks; ++t) {  // summed in place
-      dst[t] = pairwise_tree_sum(m.chunk_sums.data() + t * per_task, per_task);
+      dst[t] =
+          output_value<double>(pairwise_tree_sum(m.chunk_sums.data() + t * per_task, per_task));
     }
   }
 }

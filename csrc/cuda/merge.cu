@@ -9,7 +9,6 @@
 // loaded before the first is used, so a thread keeps several loads in flight.
 #include <c10/cuda/CUDAException.h>
 
-
 #include "../common/canonical_nan.h"
 #include "../common/counter_rng.h"
 #include "device_utils.cuh"
@@ -50,16 +49,14 @@ struct ThreadThreshold {
   using key_t = typename KeyTraits<scalar_t>::key_t;
   key_t key;
   int32_t cut;  // elements i < cut may be kept on a key tie
-  bool none;    // the threshold key is above every key: nothing is kept
 
   __device__ __forceinline__ ThreadThreshold(const MagnitudeThreshold& t, int64_t j0, int n) {
-    none = t.key > static_cast<uint64_t>(static_cast<key_t>(~key_t(0)));
-    key = static_cast<key_t>(t.key);
+    key = narrow_threshold_key<scalar_t>(t);
     const int64_t rel = t.cut - j0;
     cut = rel <= 0 ? 0 : (rel >= n ? n : static_cast<int32_t>(rel));
   }
   __device__ __forceinline__ bool keeps(key_t k, int i) const {
-    return !none && (k > key || (k == key && i < cut));
+    return k > key || (k == key && i < cut);
   }
 };
 

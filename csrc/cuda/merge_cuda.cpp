@@ -4,7 +4,6 @@
 // CPU travel as kernel arguments, weights on the GPU are converted to double on the GPU
 // and read by the kernel, thresholds are produced and consumed on the device.
 #include <algorithm>
-#include <cstring>
 #include <limits>
 #include <map>
 #include <string>
@@ -12,7 +11,6 @@
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -21,6 +19,7 @@
 #include "../common/counter_rng.h"
 #include "../device_ops.h"
 #include "host_dtype.h"
+#include "host_tables.h"
 #include "launch.h"
 
 namespace lorax_merge {
@@ -29,63 +28,6 @@ namespace {
 
 bool aligned_to(const void* p, int alignment) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(alignment) == 0;
-}
-
-// Concatenation of arrays of descriptor structs, each starting on a 16-byte boundary.
-class TableBuilder {
- public:
-  template <typename T>
-  int64_t append(const std::vector<T>& items) {
-    const size_t offset = (bytes_.size() + 15) / 16 * 16;
-    bytes_.resize(offset + items.size() * sizeof(T));
-    if (!items.empty()) std::memcpy(bytes_.data() + offset, items.data(), items.size() * sizeof(T));
-    return static_cast<int64_t>(offset);
-  }
-  const std::vector<unsigned char>& bytes() const { return bytes_; }
-
- private:
-  std::vector<unsigned char> bytes_;
-};
-
-// Whether work enqueued on `stream` now would be captured into a CUDA graph. On the legacy
-// default stream while another stream of the device captures, CUDA answers
-// cudaErrorStreamCaptureImplicit: work on that stream would join or break that capture, so
-// it counts as capturing.
-bool stream_is_capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  const cudaError_t status = cudaStreamIsCapturing(stream, &capture);
-  if (status == cudaErrorStreamCaptureImplicit) {
-    (void)cudaGetLastError();  // not sticky: clear it, so no later launch check reports it
-    return true;
-  }
-  C10_CUDA_CHECK(status);
-  return capture != cudaStreamCaptureStatusNone;
-}
-
-// Puts a table where the kernel reads it: inside the kernel parameters when it fits
-// (returns nullptr), else in device memory filled by an asynchronous copy from pinned host
-// memory (returns its address; `keep` holds the buffers until the launches are enqueued).
-// The second way cannot be captured in a CUDA graph (the copy would replay from a host
-// buffer that no longer holds the table), so it is refused during a capture.
-const unsigned char* place_table(const std::vector<unsigned char>& bytes, unsigned char* inline_dst,
-                                 const at::Device& device, cudaStream_t stream,
-                                 std::vector<at::Tensor>& keep) {
-  if (bytes.size() <= static_cast<size_t>(kInlineTableBytes)) {
-    if (!bytes.empty()) std::memcpy(inline_dst, bytes.data(), bytes.size());
-    return nullptr;
-  }
-  TORCH_CHECK_VALUE(!stream_is_capturing(stream), "lorax_merge: this batch needs a ", bytes.size(),
-                    "-byte descriptor table, more than the ", kInlineTableBytes,
-                    " bytes that travel with a kernel launch, so it cannot be captured in a CUDA "
-                    "graph; capture smaller batches (fewer tensors) instead");
-  const int64_t n = static_cast<int64_t>(bytes.size());
-  at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
-  at::Tensor dev = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(device));
-  dev.copy_(host, /*non_blocking=*/true);
-  keep.push_back(host);
-  keep.push_back(dev);
-  return static_cast<const unsigned char*>(dev.const_data_ptr());
 }
 
 std::string group_name(size_t g, size_t count) {
@@ -164,6 +106,32 @@ DeviceWeights gather_device_weights(const std::vector<const MergeRequest*>& requ
 // Requests that share one kernel instantiation and one set of strategy parameters.
 using BucketKey = std::tuple<int, bool, int, int, double, bool, const void*>;
 
+bool selects_thresholds(const MergeRequest& r) {
+  return r.prunes() && r.pruning == Pruning::kMagnitude && !r.thresholds.defined();
+}
+
+// Refuses a batch with a table too large to be captured, before anything is enqueued: the
+// sizes of the tables run_bucket builds for each bucket (threshold jobs; groups and tasks).
+void refuse_uploaded_tables_in_capture(const std::vector<const MergeRequest*>& requests,
+                                       const std::map<BucketKey, std::vector<size_t>>& buckets,
+                                       cudaStream_t stream) {
+  for (const auto& entry : buckets) {
+    TableSize jobs, merge;
+    size_t groups = 0, tasks = 0;
+    for (size_t member : entry.second) {
+      const MergeRequest& r = *requests[member];
+      if (r.numel() == 0) continue;
+      ++groups;
+      tasks += r.tasks.size();
+      if (selects_thresholds(r)) jobs.add<ThresholdJob>(r.tasks.size());
+    }
+    merge.add<MergeGroup>(groups);
+    merge.add<MergeTask>(tasks);
+    refuse_uploaded_table_in_capture(jobs.bytes(), stream);
+    refuse_uploaded_table_in_capture(merge.bytes(), stream);
+  }
+}
+
 void run_bucket(const std::vector<const MergeRequest*>& requests,
                 const std::vector<size_t>& members, const DeviceWeights& dw,
                 const at::Device& device, cudaStream_t stream) {
@@ -214,9 +182,7 @@ void run_bucket(const std::vector<const MergeRequest*>& requests,
         task.weight = host[i];
       }
       tasks.push_back(task);
-      if (pruning == Pruning::kMagnitude && !first.thresholds.defined()) {
-        select_table.add(task.data, numel, k);
-      }
+      if (selects_thresholds(r)) select_table.add(task.data, numel, k);
     }
     groups.push_back(group);
   }
@@ -226,8 +192,6 @@ void run_bucket(const std::vector<const MergeRequest*>& requests,
                     "lorax_merge: the batch is too large for one launch (", blocks, " blocks)");
   TORCH_CHECK_VALUE(tasks.size() <= static_cast<size_t>(kMaxGrid), "lorax_merge: too many tensors");
 
-  // Place both tables before launching anything, so a batch that cannot run (a table too
-  // large for a graph capture) fails before any work is enqueued.
   std::vector<at::Tensor> keep;
   SelectLaunch select;
   MergeLaunch merge;
@@ -294,7 +258,6 @@ void run_batch(const std::vector<const MergeRequest*>& requests) {
   // own still forbids them).
   c10::cuda::CUDAStreamCaptureModeGuard capture_mode(cudaStreamCaptureModeThreadLocal);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  const DeviceWeights dw = gather_device_weights(requests);
 
   std::map<BucketKey, std::vector<size_t>> buckets;
   for (size_t g = 0; g < requests.size(); ++g) {
@@ -308,6 +271,9 @@ void run_batch(const std::vector<const MergeRequest*>& requests) {
                       static_cast<int>(r.election), r.density, r.rescale, given}]
         .push_back(g);
   }
+  // A batch that cannot be captured fails before any of its work is enqueued.
+  refuse_uploaded_tables_in_capture(requests, buckets, stream);
+  const DeviceWeights dw = gather_device_weights(requests);
   for (const auto& entry : buckets) run_bucket(requests, entry.second, dw, device, stream);
 }
 

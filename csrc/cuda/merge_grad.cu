@@ -33,6 +33,9 @@ struct GradParams {
   int32_t rescale;
   alignas(16) unsigned char table_inline[kInlineTableBytes];
 };
+// The tree kernel takes one more 8-byte argument.
+static_assert(sizeof(GradParams) + sizeof(int64_t) <= kMaxKernelParamBytes,
+              "the gradient parameters fit in a launch");
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t load_as(const void* p, int32_t dtype, int64_t j) {
@@ -53,6 +56,7 @@ struct TaskKeep {
                                       int32_t stream) {
     pruning = static_cast<Pruning>(p.pruning);
     threshold = pruning == Pruning::kMagnitude ? *task.threshold : keep_everything_threshold(0);
+    threshold.key = narrow_threshold_key<scalar_t>(threshold);  // compared as the CPU does
     stream_key =
         pruning == Pruning::kRandom ? dare_stream_key(seed, static_cast<uint64_t>(stream)) : 0;
     bound = static_cast<uint32_t>(p.keep_bound);
@@ -192,7 +196,9 @@ __global__ void __launch_bounds__(kTreeThreads)
       dst = swap;
       n = (n + 1) / 2;
     }
-    if (threadIdx.x == 0) *tasks[group.first_task + t].weight_grad = n == 0 ? 0.0 : src[0];
+    if (threadIdx.x == 0) {
+      *tasks[group.first_task + t].weight_grad = n == 0 ? 0.0 : output_value<double>(src[0]);
+    }
     __syncthreads();
   }
 }

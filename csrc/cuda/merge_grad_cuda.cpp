@@ -2,13 +2,13 @@
 // and launches the kernels of merge_grad.cu on the current stream of the tasks' device. As in
 // the forward, nothing here waits for the device: weights on the CPU travel as kernel arguments,
 // weights on the GPU are read by the kernel, thresholds are read on the device.
-#include <cstring>
 #include <limits>
 #include <map>
 #include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -17,35 +17,11 @@
 #include "../grad_ops.h"
 #include "grad_launch.h"
 #include "host_dtype.h"
+#include "host_tables.h"
 
 namespace lorax_merge {
 namespace cuda {
 namespace {
-
-// The group and task arrays of one launch, each on a 16-byte boundary, inside the kernel
-// parameters when they fit, else copied to the device (asynchronously, from memory the copy
-// has staged by the time it returns; `keep` holds the device buffer until the launch).
-void place_tables(const std::vector<GradGroup>& groups, const std::vector<GradTask>& tasks,
-                  GradLaunch& launch, const at::Device& device, std::vector<at::Tensor>& keep) {
-  const size_t groups_bytes = groups.size() * sizeof(GradGroup);
-  const size_t tasks_offset = (groups_bytes + 15) / 16 * 16;
-  std::vector<unsigned char> bytes(tasks_offset + tasks.size() * sizeof(GradTask));
-  std::memcpy(bytes.data(), groups.data(), groups_bytes);
-  std::memcpy(bytes.data() + tasks_offset, tasks.data(), tasks.size() * sizeof(GradTask));
-  launch.groups_offset = 0;
-  launch.tasks_offset = static_cast<int64_t>(tasks_offset);
-  if (bytes.size() <= static_cast<size_t>(kInlineTableBytes)) {
-    std::memcpy(launch.table_inline, bytes.data(), bytes.size());
-    launch.table_device = nullptr;
-    return;
-  }
-  const int64_t n = static_cast<int64_t>(bytes.size());
-  at::Tensor table = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(device));
-  table.copy_(at::from_blob(bytes.data(), {n}, at::TensorOptions().dtype(at::kByte)),
-              /*non_blocking=*/true);
-  keep.push_back(table);
-  launch.table_device = static_cast<const unsigned char*>(table.const_data_ptr());
-}
 
 // One launch for requests of one task dtype and accumulation type (every request of a
 // merge_backward call shares the strategy parameters).
@@ -111,7 +87,10 @@ void run_grad_bucket(const std::vector<MergeGradRequest>& requests,
   TORCH_CHECK_VALUE(blocks <= kMaxGrid, "lorax_merge: the batch is too large for one launch (",
                     blocks, " blocks)");
   std::vector<at::Tensor> keep;
-  place_tables(groups, tasks, launch, device, keep);
+  TableBuilder table;
+  launch.groups_offset = table.append(groups);
+  launch.tasks_offset = table.append(tasks);
+  launch.table_device = place_table(table.bytes(), launch.table_inline, device, stream, keep);
   if (want_weights) {
     at::Tensor sums = at::empty({2 * slots}, at::TensorOptions().dtype(at::kDouble).device(device));
     keep.push_back(sums);
@@ -130,6 +109,9 @@ struct CudaGradKernels {
     const at::Device device = requests[0].merge.tasks[0].device();
     TORCH_CHECK_VALUE(device.is_cuda(), "lorax_merge: expected CUDA tensors, got ", device);
     c10::cuda::CUDAGuard guard(device);
+    // As in the forward (merge_cuda.cpp's run_batch): allocations here must not invalidate
+    // another thread's global-mode capture.
+    c10::cuda::CUDAStreamCaptureModeGuard capture_mode(cudaStreamCaptureModeThreadLocal);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
     std::map<std::pair<int, bool>, std::vector<size_t>> buckets;
     for (size_t g = 0; g < requests.size(); ++g) {
@@ -139,6 +121,20 @@ struct CudaGradKernels {
       const at::ScalarType task_type = r.tasks[0].scalar_type();
       const bool wide = accumulate_type(task_type, r.out.scalar_type()) == at::kDouble;
       buckets[{static_cast<int>(task_type), wide}].push_back(g);
+    }
+    // A batch whose table cannot be captured fails before any of its kernels is enqueued.
+    for (const auto& entry : buckets) {
+      TableSize table;
+      size_t groups = 0, tasks = 0;
+      for (size_t member : entry.second) {
+        const MergeRequest& r = requests[member].merge;
+        if (r.numel() == 0) continue;
+        ++groups;
+        tasks += r.tasks.size();
+      }
+      table.add<GradGroup>(groups);
+      table.add<GradTask>(tasks);
+      refuse_uploaded_table_in_capture(table.bytes(), stream);
     }
     for (const auto& entry : buckets) run_grad_bucket(requests, entry.second, device, stream);
   }

@@ -40,8 +40,7 @@ inline void keep_by_magnitude(const scalar_t* x, int64_t first, int64_t len,
   using Traits = KeyTraits<scalar_t>;
   using key_t = typename Traits::key_t;
   using signed_key_t = std::make_signed_t<key_t>;
-  const signed_key_t key = static_cast<signed_key_t>(
-      threshold.key > Traits::kNaN ? Traits::kNaN : static_cast<key_t>(threshold.key));
+  const signed_key_t key = static_cast<signed_key_t>(narrow_threshold_key<scalar_t>(threshold));
   const int64_t cut_in_tile = threshold.cut - first;
   const int32_t cut =
       static_cast<int32_t>(cut_in_tile < 0 ? 0 : (cut_in_tile > len ? len : cut_in_tile));

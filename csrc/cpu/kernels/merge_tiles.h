@@ -163,8 +163,7 @@ LM_TILE_INLINE void prune_by_magnitude(const scalar_t* x, const acc_t* xv, int64
   // Keys compare as signed integers (they are below 2^(bits - 1)), which every instruction
   // set has for vectors.
   using signed_key_t = std::make_signed_t<key_t>;
-  const signed_key_t key = static_cast<signed_key_t>(
-      threshold.key > Traits::kNaN ? Traits::kNaN : static_cast<key_t>(threshold.key));
+  const signed_key_t key = static_cast<signed_key_t>(narrow_threshold_key<scalar_t>(threshold));
   const int64_t cut_in_tile = threshold.cut - base;
   const int32_t cut =
       static_cast<int32_t>(cut_in_tile < 0 ? 0 : (cut_in_tile > len ? len : cut_in_tile));
