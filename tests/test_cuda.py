@@ -339,7 +339,7 @@ def test_merge_many_equals_cpu_and_per_group_merge(strategy, count):
             weights[g],
             strategy,
             density=0.4,
-            seed=lorax_merge.derive_seed(77, g),
+            seed=lorax_merge.derive_group_seed(77, g),
         )
         assert_same_bits(gpu[g], one, f"group {g} vs merge")
 
