@@ -8,7 +8,7 @@ export CUDA_HOME
 BIN := $(VENV)/bin
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test lint format bench build clean test-oldest-torch
+.PHONY: demo test lint format bench build clean test-oldest-torch gpu-check-dry-run
 
 demo: build
 	$(BIN)/python examples/demo.py --work demo-work
@@ -20,6 +20,14 @@ test: build
 
 bench: build
 	$(BIN)/python benchmarks/bench_cpu.py
+
+# benchmarks/gpu_check.sh where no GPU is visible: it builds the CUDA sources for sm_90 into a
+# temporary folder and collects the GPU tests, so the script a GPU machine runs is known to
+# work before one is lent (CI runs this). Results in bench-results/gpu-check-dry-run/.
+gpu-check-dry-run: $(VENV)/.deps
+	PYTHON=$(BIN)/python MAX_JOBS=$${MAX_JOBS:-2} GPU_CHECK_BUILD_S=$${GPU_CHECK_BUILD_S:-900} \
+		GPU_CHECK_BUDGET_S=$${GPU_CHECK_BUDGET_S:-1500} \
+		bash benchmarks/gpu_check.sh bench-results/gpu-check-dry-run
 
 lint: $(VENV)/.deps
 	$(BIN)/ruff check lorax_merge tests benchmarks examples setup.py
