@@ -97,6 +97,20 @@ at::ScalarType accumulate_type(at::ScalarType task_dtype, at::ScalarType out_dty
   return task_dtype == at::kDouble || out_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+ElementType element_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble:
+      return ElementType::kDouble;
+    case at::kHalf:
+      return ElementType::kHalf;
+    case at::kBFloat16:
+      return ElementType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(dtype == at::kFloat, "lorax_merge: unsupported dtype ", dtype);
+      return ElementType::kFloat;
+  }
+}
+
 MergeRequest make_request(at::TensorList tasks, const at::Tensor& weights, c10::string_view pruning,
                           c10::string_view election, double density, bool rescale, int64_t seed,
                           int64_t first_stream, at::Tensor out, const char* arg) {

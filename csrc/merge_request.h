@@ -8,6 +8,7 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/string_view.h>
 
+#include "common/element_type.h"
 #include "common/merge_rule.h"
 
 namespace lorax_merge {
@@ -52,6 +53,9 @@ void check_groups(at::IntArrayRef group_sizes, at::IntArrayRef seeds, size_t num
 
 // float64 when the tasks or the result are float64, else float32.
 at::ScalarType accumulate_type(at::ScalarType task_dtype, at::ScalarType out_dtype);
+
+// A checked floating-point dtype as the kernels' ElementType.
+ElementType element_type(at::ScalarType dtype);
 
 // Build a request over contiguous views of the tasks (non-contiguous tasks are copied).
 // `arg` names the tasks in error messages ("tasks", or "groups[g]" in a batch).

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "../common/element_type.h"
 #include "../common/keys.h"
 #include "../common/merge_rule.h"
 #include "../common/weight_grad_sum.h"
@@ -20,9 +21,6 @@ namespace cpu {
 // Elements per tile of the fused merge: each task's values over one tile are pruned and
 // accumulated while they are in L1. Even, so that a tile starts on a pair of random words.
 constexpr int64_t kTile = 256;
-
-// The element types of tasks and outputs.
-enum class ElementType : int32_t { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
 
 // One merge, resolved on the host: what the tile kernel reads.
 struct TileMerge {

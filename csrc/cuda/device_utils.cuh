@@ -12,24 +12,24 @@
 #include "launch.h"
 
 // Runs the callable __VA_ARGS__ (a lambda without parameters) with TYPE naming the C++ type of
-// the Dtype value DTYPE, as AT_DISPATCH_* does for at::ScalarType. Usable in host and device
-// code; every Dtype is handled.
+// the ElementType value DTYPE, as AT_DISPATCH_* does for at::ScalarType. Usable in host and device
+// code; every ElementType is handled.
 #define LM_DISPATCH_DTYPE(DTYPE, TYPE, ...)         \
   [&] {                                             \
     switch (DTYPE) {                                \
-      case ::lorax_merge::cuda::Dtype::kFloat: {    \
+      case ::lorax_merge::ElementType::kFloat: {    \
         using TYPE = float;                         \
         return __VA_ARGS__();                       \
       }                                             \
-      case ::lorax_merge::cuda::Dtype::kHalf: {     \
+      case ::lorax_merge::ElementType::kHalf: {     \
         using TYPE = ::c10::Half;                   \
         return __VA_ARGS__();                       \
       }                                             \
-      case ::lorax_merge::cuda::Dtype::kBFloat16: { \
+      case ::lorax_merge::ElementType::kBFloat16: { \
         using TYPE = ::c10::BFloat16;               \
         return __VA_ARGS__();                       \
       }                                             \
-      case ::lorax_merge::cuda::Dtype::kDouble: {   \
+      case ::lorax_merge::ElementType::kDouble: {   \
         using TYPE = double;                        \
         return __VA_ARGS__();                       \
       }                                             \
@@ -61,7 +61,7 @@ namespace cuda {
 // fn(scalar_t{}, acc_t{}) for tasks of `dtype` and their accumulation type: float64 for float64
 // tasks, and for the others when `wide` (a float64 result), else float. Host code.
 template <typename Fn>
-void with_task_and_acc_types(Dtype dtype, bool wide, const Fn& fn) {
+void with_task_and_acc_types(ElementType dtype, bool wide, const Fn& fn) {
   LM_DISPATCH_DTYPE(dtype, scalar_t, [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
       fn(double{}, double{});

@@ -26,7 +26,7 @@ struct GradGroup {
   int64_t sums_begin;   // chunk-sum slot of (task 0, chunk 0); task t starts t * chunks later
   int32_t first_task;   // index of the group's first task in the task table
   int32_t num_tasks;
-  int32_t grad_dtype;  // Dtype
+  int32_t grad_dtype;  // ElementType
   int32_t unused;
 };
 
@@ -40,7 +40,7 @@ struct GradTask {
 };
 
 struct GradLaunch {
-  Dtype task_dtype = Dtype::kFloat;
+  ElementType task_dtype = ElementType::kFloat;
   bool wide_acc = false;
   SignElection election = SignElection::kNone;
   Pruning pruning = Pruning::kNone;  // kNone when nothing is pruned
@@ -63,8 +63,9 @@ void launch_merge_backward(const GradLaunch& launch, cudaStream_t stream);
 
 // Gradient of disjoint_merge w.r.t. the stacked tensor [rows, positions]; `grad` has the
 // accumulate dtype (float, double for double input), `out` the stacked dtype.
-void launch_disjoint_merge_backward(Dtype dtype, const void* grad, const bool* mask, void* out,
-                                    int64_t rows, int64_t positions, cudaStream_t stream);
+void launch_disjoint_merge_backward(ElementType dtype, const void* grad, const bool* mask,
+                                    void* out, int64_t rows, int64_t positions,
+                                    cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lorax_merge

@@ -19,20 +19,19 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../common/element_type.h"
 #include "../common/keys.h"
 #include "../common/merge_rule.h"
 
 namespace lorax_merge {
 namespace cuda {
 
-enum class Dtype : int32_t { kFloat = 0, kHalf = 1, kBFloat16 = 2, kDouble = 3 };
-
-inline int dtype_size(Dtype d) {
+inline int dtype_size(ElementType d) {
   switch (d) {
-    case Dtype::kHalf:
-    case Dtype::kBFloat16:
+    case ElementType::kHalf:
+    case ElementType::kBFloat16:
       return 2;
-    case Dtype::kDouble:
+    case ElementType::kDouble:
       return 8;
     default:
       return 4;
@@ -129,8 +128,8 @@ inline SelectPlan make_select_plan(int key_bits) {
   return plan;
 }
 
-inline int key_bits_of(Dtype d) {
-  return d == Dtype::kDouble ? 63 : (d == Dtype::kFloat ? 31 : 15);
+inline int key_bits_of(ElementType d) {
+  return d == ElementType::kDouble ? 63 : (d == ElementType::kFloat ? 31 : 15);
 }
 
 LM_HOST_DEVICE int64_t select_tiles(int64_t numel) {
@@ -141,7 +140,7 @@ LM_HOST_DEVICE int64_t select_tiles(int64_t numel) {
 // job order.
 class ThresholdJobTable {
  public:
-  explicit ThresholdJobTable(Dtype dtype)
+  explicit ThresholdJobTable(ElementType dtype)
       : passes_(make_select_plan(key_bits_of(dtype)).num_passes) {}
 
   // Appends the job of one tensor; k = magnitude_keep_count(density, numel).
@@ -168,7 +167,7 @@ class ThresholdJobTable {
 };
 
 struct SelectLaunch {
-  Dtype dtype = Dtype::kFloat;
+  ElementType dtype = ElementType::kFloat;
   int32_t num_jobs = 0;
   int32_t num_split_jobs = 0;                 // jobs with a scratch slot
   int64_t num_blocks = 0;                     // blocks of each launch
@@ -179,7 +178,7 @@ struct SelectLaunch {
 };
 
 // Scratch of the jobs spread over several blocks: nothing when every job fits in one block.
-size_t select_workspace_bytes(Dtype dtype, int64_t num_split_jobs, int64_t num_blocks);
+size_t select_workspace_bytes(ElementType dtype, int64_t num_split_jobs, int64_t num_blocks);
 
 // Zeroes what the workspace needs zeroed and runs one launch per digit pass (one launch
 // when every job fits in one block); leaves the thresholds on the device.
@@ -198,7 +197,7 @@ inline int64_t merge_block_elems(bool wide_acc) {
   return static_cast<int64_t>(kMergeThreads) * merge_elems_per_thread(wide_acc);
 }
 // Alignment (bytes) a pointer needs for the vector access of one thread's elements.
-inline int merge_vector_align(Dtype d, bool wide_acc) {
+inline int merge_vector_align(ElementType d, bool wide_acc) {
   const int bytes = merge_elems_per_thread(wide_acc) * dtype_size(d);
   return bytes >= 16 ? 16 : bytes;
 }
@@ -214,7 +213,7 @@ struct MergeGroup {
   int64_t index_offset;  // flat index of element 0 in the tensors the tasks slice
   int32_t first_task;    // index of the group's first task in the task table
   int32_t num_tasks;
-  int32_t out_dtype;  // Dtype
+  int32_t out_dtype;  // ElementType
   int32_t flags;      // MergeGroupFlags
 };
 
@@ -225,7 +224,7 @@ struct MergeTask {
 };
 
 struct MergeLaunch {
-  Dtype task_dtype = Dtype::kFloat;
+  ElementType task_dtype = ElementType::kFloat;
   bool wide_acc = false;  // accumulate in double
   SignElection election = SignElection::kNone;
   Pruning pruning = Pruning::kNone;  // kNone when nothing is pruned
@@ -246,10 +245,10 @@ void launch_merge(const MergeLaunch& launch, cudaStream_t stream);
 // ---------------------------------------------------------------------------------------
 // Stacked primitives on an [rows, positions] contiguous tensor.
 
-void launch_sign_mask(Dtype dtype, SignElection election, const void* stacked, bool* mask,
+void launch_sign_mask(ElementType dtype, SignElection election, const void* stacked, bool* mask,
                       int64_t rows, int64_t positions, cudaStream_t stream);
 // out has the accumulate dtype (float, double for double input).
-void launch_disjoint_merge(Dtype dtype, const void* stacked, const bool* mask, void* out,
+void launch_disjoint_merge(ElementType dtype, const void* stacked, const bool* mask, void* out,
                            int64_t rows, int64_t positions, cudaStream_t stream);
 
 }  // namespace cuda

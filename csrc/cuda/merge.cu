@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
   acc_t result[kElems];
 #pragma unroll
   for (int i = 0; i < kElems; ++i) result[i] = acc[i].result();
-  LM_DISPATCH_DTYPE(static_cast<Dtype>(group.out_dtype), out_t, [&] {
+  LM_DISPATCH_DTYPE(static_cast<ElementType>(group.out_dtype), out_t, [&] {
     store_result<out_t>(group.out, j0, group.numel, vector_stores, result);
   });
 }

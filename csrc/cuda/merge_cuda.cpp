@@ -18,7 +18,6 @@
 
 #include "../common/counter_rng.h"
 #include "../device_ops.h"
-#include "host_dtype.h"
 #include "host_tables.h"
 #include "launch.h"
 
@@ -137,7 +136,7 @@ void run_bucket(const std::vector<const MergeRequest*>& requests,
                 const at::Device& device, cudaStream_t stream) {
   const MergeRequest& first = *requests[members[0]];
   const at::ScalarType task_type = first.tasks[0].scalar_type();
-  const Dtype task_dtype = dtype_of(task_type);
+  const ElementType task_dtype = element_type(task_type);
   const bool wide = accumulate_type(task_type, first.out.scalar_type()) == at::kDouble;
   const Pruning pruning = first.prunes() ? first.pruning : Pruning::kNone;
   const int64_t block_elems = merge_block_elems(wide);
@@ -162,7 +161,7 @@ void run_bucket(const std::vector<const MergeRequest*>& requests,
     group.block_begin = blocks;
     group.first_task = static_cast<int32_t>(tasks.size());
     group.num_tasks = static_cast<int32_t>(r.tasks.size());
-    const Dtype out_dtype = dtype_of(r.out.scalar_type());
+    const ElementType out_dtype = element_type(r.out.scalar_type());
     group.out_dtype = static_cast<int32_t>(out_dtype);
     bool loads_aligned = true;
     for (const at::Tensor& t : r.tasks)
@@ -288,7 +287,7 @@ void select_into(const std::vector<at::Tensor>& tasks, double density, at::Tenso
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const int64_t numel = tasks[0].numel();
   const int64_t k = magnitude_keep_count(density, numel);
-  const Dtype dtype = dtype_of(tasks[0].scalar_type());
+  const ElementType dtype = element_type(tasks[0].scalar_type());
   ThresholdJobTable select_table(dtype);
   for (const at::Tensor& t : tasks) select_table.add(t.const_data_ptr(), numel, k);
   constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
@@ -340,7 +339,7 @@ struct CudaKernels {
                       " but tensor is on ", stacked.device());
     c10::cuda::CUDAGuard guard(stacked.device());
     const int64_t rows = stacked_rows(stacked);
-    launch_sign_mask(dtype_of(stacked.scalar_type()), election, stacked.const_data_ptr(),
+    launch_sign_mask(element_type(stacked.scalar_type()), election, stacked.const_data_ptr(),
                      mask.data_ptr<bool>(), rows, stacked.numel() / rows,
                      c10::cuda::getCurrentCUDAStream(stacked.device().index()).stream());
   }
@@ -348,7 +347,7 @@ struct CudaKernels {
   static void disjoint_merge(const at::Tensor& stacked, const at::Tensor& mask, at::Tensor& out) {
     if (out.numel() == 0) return;
     c10::cuda::CUDAGuard guard(stacked.device());
-    launch_disjoint_merge(dtype_of(stacked.scalar_type()), stacked.const_data_ptr(),
+    launch_disjoint_merge(element_type(stacked.scalar_type()), stacked.const_data_ptr(),
                           mask.const_data_ptr<bool>(), out.data_ptr(), stacked_rows(stacked),
                           out.numel(),
                           c10::cuda::getCurrentCUDAStream(stacked.device().index()).stream());

@@ -40,7 +40,7 @@ static_assert(sizeof(GradParams) + sizeof(int64_t) <= kMaxKernelParamBytes,
 template <typename acc_t>
 __device__ __forceinline__ acc_t load_as(const void* p, int32_t dtype, int64_t j) {
   acc_t value = acc_t(0);
-  LM_DISPATCH_DTYPE(static_cast<Dtype>(dtype), grad_t,
+  LM_DISPATCH_DTYPE(static_cast<ElementType>(dtype), grad_t,
                     [&] { value = static_cast<acc_t>(static_cast<const grad_t*>(p)[j]); });
   return value;
 }
@@ -260,8 +260,9 @@ void launch_merge_backward(const GradLaunch& launch, cudaStream_t stream) {
   }
 }
 
-void launch_disjoint_merge_backward(Dtype dtype, const void* grad, const bool* mask, void* out,
-                                    int64_t rows, int64_t positions, cudaStream_t stream) {
+void launch_disjoint_merge_backward(ElementType dtype, const void* grad, const bool* mask,
+                                    void* out, int64_t rows, int64_t positions,
+                                    cudaStream_t stream) {
   if (positions == 0 || rows == 0) return;
   LM_DISPATCH_DTYPE(dtype, scalar_t, [&] {
     disjoint_backward_typed<scalar_t>(grad, mask, out, rows, positions, stream);

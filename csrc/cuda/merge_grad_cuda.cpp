@@ -16,7 +16,6 @@
 #include "../common/counter_rng.h"
 #include "../grad_ops.h"
 #include "grad_launch.h"
-#include "host_dtype.h"
 #include "host_tables.h"
 
 namespace lorax_merge {
@@ -32,7 +31,7 @@ void run_grad_bucket(const std::vector<MergeGradRequest>& requests,
   const at::ScalarType task_type = first.tasks[0].scalar_type();
   const bool want_weights = requests[members[0]].weight_grads.defined();
   GradLaunch launch;
-  launch.task_dtype = dtype_of(task_type);
+  launch.task_dtype = element_type(task_type);
   launch.wide_acc = accumulate_type(task_type, first.out.scalar_type()) == at::kDouble;
   launch.election = first.election;
   launch.pruning = first.prunes() ? first.pruning : Pruning::kNone;
@@ -58,7 +57,7 @@ void run_grad_bucket(const std::vector<MergeGradRequest>& requests,
     group.sums_begin = slots;
     group.first_task = static_cast<int32_t>(tasks.size());
     group.num_tasks = static_cast<int32_t>(r.tasks.size());
-    group.grad_dtype = static_cast<int32_t>(dtype_of(r.out.scalar_type()));
+    group.grad_dtype = static_cast<int32_t>(element_type(r.out.scalar_type()));
     blocks += grad_chunks(numel);
     slots += grad_chunks(numel) * r.num_tasks();
     const bool host = r.weights.device().is_cpu();
@@ -144,7 +143,7 @@ struct CudaGradKernels {
     if (out.numel() == 0) return;
     c10::cuda::CUDAGuard guard(grad.device());
     const int64_t rows = mask.size(0);
-    launch_disjoint_merge_backward(dtype_of(out.scalar_type()), grad.const_data_ptr(),
+    launch_disjoint_merge_backward(element_type(out.scalar_type()), grad.const_data_ptr(),
                                    mask.const_data_ptr<bool>(), out.data_ptr(), rows,
                                    out.numel() / rows,
                                    c10::cuda::getCurrentCUDAStream(grad.device().index()).stream());

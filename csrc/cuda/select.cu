@@ -380,7 +380,7 @@ struct WorkspaceLayout {
   size_t hist = 0, states = 0, tile_counts = 0, zeroed = 0, total = 0;
 };
 
-WorkspaceLayout layout_of(Dtype dtype, int64_t num_split_jobs, int64_t num_blocks) {
+WorkspaceLayout layout_of(ElementType dtype, int64_t num_split_jobs, int64_t num_blocks) {
   WorkspaceLayout l;
   if (num_split_jobs == 0) return l;
   const SelectPlan plan = make_select_plan(key_bits_of(dtype));
@@ -395,7 +395,7 @@ WorkspaceLayout layout_of(Dtype dtype, int64_t num_split_jobs, int64_t num_block
 
 }  // namespace
 
-size_t select_workspace_bytes(Dtype dtype, int64_t num_split_jobs, int64_t num_blocks) {
+size_t select_workspace_bytes(ElementType dtype, int64_t num_split_jobs, int64_t num_blocks) {
   return layout_of(dtype, num_split_jobs, num_blocks).total;
 }
 

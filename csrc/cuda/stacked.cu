@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kStackedThreads)
 
 }  // namespace
 
-void launch_sign_mask(Dtype dtype, SignElection election, const void* stacked, bool* mask,
+void launch_sign_mask(ElementType dtype, SignElection election, const void* stacked, bool* mask,
                       int64_t rows, int64_t positions, cudaStream_t stream) {
   if (positions == 0 || rows == 0) return;
   TORCH_CHECK(election != SignElection::kNone, "lorax_merge: a sign mask needs a sign method");
@@ -70,7 +70,7 @@ void launch_sign_mask(Dtype dtype, SignElection election, const void* stacked, b
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void launch_disjoint_merge(Dtype dtype, const void* stacked, const bool* mask, void* out,
+void launch_disjoint_merge(ElementType dtype, const void* stacked, const bool* mask, void* out,
                            int64_t rows, int64_t positions, cudaStream_t stream) {
   if (positions == 0) return;
   LM_DISPATCH_DTYPE(dtype, scalar_t, [&] {
