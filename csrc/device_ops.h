@@ -33,8 +33,10 @@ struct DeviceOps {
                         c10::string_view election, double density, bool rescale, int64_t seed,
                         at::Tensor& out) {
     if (out.is_contiguous()) {  // make_request checks the tasks and `out`
-      Kernels::fused_merge(
-          make_request(tasks, weights, pruning, election, density, rescale, seed, 0, out));
+      const MergeRequest request =
+          make_request(tasks, weights, pruning, election, density, rescale, seed, 0, out);
+      check_out_overlap(request);
+      Kernels::fused_merge(request);
       return;
     }
     // A strided destination gets a contiguous result copied in; check it before the copy,
@@ -69,6 +71,7 @@ struct DeviceOps {
     MergeRequest request =
         make_request(tasks, weights, pruning, election, density, rescale, seed, 0, out);
     request.index_offset = index_offset;
+    check_out_overlap(request);
     request.thresholds = check_slice(thresholds.value_or(at::Tensor()), index_offset,
                                      request.num_tasks(), request.tasks[0]);
     if (!request.thresholds.defined() && index_offset > 0 && request.prunes() &&

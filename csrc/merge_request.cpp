@@ -129,17 +129,21 @@ MergeRequest make_request(at::TensorList tasks, const at::Tensor& weights, c10::
   req.first_stream = first_stream;
   req.tasks.reserve(tasks.size());
   for (const at::Tensor& t : tasks) req.tasks.push_back(t.contiguous());
-  // Writing out while other elements of a task are still to be read would change what the
-  // merge reads (and differently on each device). Out may be a task itself: every element is
-  // read before it is written.
-  for (size_t i = 0; i < req.tasks.size(); ++i) {
-    TORCH_CHECK_VALUE(at::get_overlap_status(out, req.tasks[i]) != at::MemOverlapStatus::Partial,
-                      "lorax_merge: out shares part of its memory with ", arg, "[", i,
-                      "]; it must be that tensor itself or not overlap it");
-  }
   req.weights = weights;
   req.out = std::move(out);
   return req;
+}
+
+void check_out_overlap(const MergeRequest& request) {
+  // Writing out while other elements of a task are still to be read would change what the
+  // merge reads (and differently on each device). Out may be a task itself: every element is
+  // read before it is written.
+  for (size_t i = 0; i < request.tasks.size(); ++i) {
+    TORCH_CHECK_VALUE(
+        at::get_overlap_status(request.out, request.tasks[i]) != at::MemOverlapStatus::Partial,
+        "lorax_merge: out shares part of its memory with tasks[", i,
+        "]; it must be that tensor itself or not overlap it");
+  }
 }
 
 at::Tensor new_merge_output(at::TensorList tasks, at::ScalarType dtype) {

@@ -57,6 +57,9 @@ at::ScalarType accumulate_type(at::ScalarType task_dtype, at::ScalarType out_dty
 // A checked floating-point dtype as the kernels' ElementType.
 ElementType element_type(at::ScalarType dtype);
 
+// A destination given by the caller: it may be one of the tasks, but not overlap one in part.
+void check_out_overlap(const MergeRequest& request);
+
 // Build a request over contiguous views of the tasks (non-contiguous tasks are copied).
 // `arg` names the tasks in error messages ("tasks", or "groups[g]" in a batch).
 MergeRequest make_request(at::TensorList tasks, const at::Tensor& weights, c10::string_view pruning,
