@@ -24,9 +24,9 @@ bool stream_is_capturing(cudaStream_t stream) {
 
 // An uploaded table cannot be captured: the copy would replay from a host buffer that no
 // longer holds it.
-void refuse_uploaded_table_in_capture(size_t table_bytes, cudaStream_t stream) {
-  if (table_bytes <= static_cast<size_t>(kInlineTableBytes)) return;
-  TORCH_CHECK_VALUE(!stream_is_capturing(stream), "lorax_merge: this batch needs a ", table_bytes,
+void refuse_uploaded_table(size_t table_bytes) {
+  TORCH_CHECK_VALUE(table_bytes <= static_cast<size_t>(kInlineTableBytes),
+                    "lorax_merge: this batch needs a ", table_bytes,
                     "-byte descriptor table, more than the ", kInlineTableBytes,
                     " bytes that travel with a kernel launch, so it cannot be captured in a CUDA "
                     "graph; capture smaller batches (fewer tensors) instead");
@@ -39,7 +39,7 @@ const unsigned char* place_table(const std::vector<unsigned char>& bytes, unsign
     if (!bytes.empty()) std::memcpy(inline_dst, bytes.data(), bytes.size());
     return nullptr;
   }
-  refuse_uploaded_table_in_capture(bytes.size(), stream);
+  if (stream_is_capturing(stream)) refuse_uploaded_table(bytes.size());
   const int64_t n = static_cast<int64_t>(bytes.size());
   at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), bytes.data(), bytes.size());

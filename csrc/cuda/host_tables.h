@@ -51,11 +51,11 @@ class TableSize {
 // Whether work enqueued on `stream` now would be captured into a CUDA graph.
 bool stream_is_capturing(cudaStream_t stream);
 
-// Refuses, with a ValueError, a launch whose descriptor table of `table_bytes` bytes does not
-// travel with the kernel while `stream` is capturing a CUDA graph. Called for every table of a
-// call before the call enqueues any work, so that a refused call leaves no partial work in the
-// graph.
-void refuse_uploaded_table_in_capture(size_t table_bytes, cudaStream_t stream);
+// Refuses, with a ValueError, a descriptor table of `table_bytes` bytes that would not travel
+// with the kernel, for a call made while its stream captures a CUDA graph. A call checks every
+// table it will build before it enqueues any work, so that a refused call leaves no partial
+// work in the graph.
+void refuse_uploaded_table(size_t table_bytes);
 
 // Puts a table where the kernel reads it: inside the kernel parameters when it fits
 // (returns nullptr), else in device memory filled by an asynchronous copy from pinned host

@@ -109,11 +109,10 @@ bool selects_thresholds(const MergeRequest& r) {
   return r.prunes() && r.pruning == Pruning::kMagnitude && !r.thresholds.defined();
 }
 
-// Refuses a batch with a table too large to be captured, before anything is enqueued: the
-// sizes of the tables run_bucket builds for each bucket (threshold jobs; groups and tasks).
-void refuse_uploaded_tables_in_capture(const std::vector<const MergeRequest*>& requests,
-                                       const std::map<BucketKey, std::vector<size_t>>& buckets,
-                                       cudaStream_t stream) {
+// Refuses a batch with a table too large to be captured: the sizes of the tables run_bucket
+// builds for each bucket (threshold jobs; groups and tasks).
+void refuse_uploaded_tables(const std::vector<const MergeRequest*>& requests,
+                            const std::map<BucketKey, std::vector<size_t>>& buckets) {
   for (const auto& entry : buckets) {
     TableSize jobs, merge;
     size_t groups = 0, tasks = 0;
@@ -126,8 +125,8 @@ void refuse_uploaded_tables_in_capture(const std::vector<const MergeRequest*>& r
     }
     merge.add<MergeGroup>(groups);
     merge.add<MergeTask>(tasks);
-    refuse_uploaded_table_in_capture(jobs.bytes(), stream);
-    refuse_uploaded_table_in_capture(merge.bytes(), stream);
+    refuse_uploaded_table(jobs.bytes());
+    refuse_uploaded_table(merge.bytes());
   }
 }
 
@@ -271,7 +270,7 @@ void run_batch(const std::vector<const MergeRequest*>& requests) {
         .push_back(g);
   }
   // A batch that cannot be captured fails before any of its work is enqueued.
-  refuse_uploaded_tables_in_capture(requests, buckets, stream);
+  if (stream_is_capturing(stream)) refuse_uploaded_tables(requests, buckets);
   const DeviceWeights dw = gather_device_weights(requests);
   for (const auto& entry : buckets) run_bucket(requests, entry.second, dw, device, stream);
 }

@@ -122,18 +122,20 @@ struct CudaGradKernels {
       buckets[{static_cast<int>(task_type), wide}].push_back(g);
     }
     // A batch whose table cannot be captured fails before any of its kernels is enqueued.
-    for (const auto& entry : buckets) {
-      TableSize table;
-      size_t groups = 0, tasks = 0;
-      for (size_t member : entry.second) {
-        const MergeRequest& r = requests[member].merge;
-        if (r.numel() == 0) continue;
-        ++groups;
-        tasks += r.tasks.size();
+    if (stream_is_capturing(stream)) {
+      for (const auto& entry : buckets) {
+        TableSize table;
+        size_t groups = 0, tasks = 0;
+        for (size_t member : entry.second) {
+          const MergeRequest& r = requests[member].merge;
+          if (r.numel() == 0) continue;
+          ++groups;
+          tasks += r.tasks.size();
+        }
+        table.add<GradGroup>(groups);
+        table.add<GradTask>(tasks);
+        refuse_uploaded_table(table.bytes());
       }
-      table.add<GradGroup>(groups);
-      table.add<GradTask>(tasks);
-      refuse_uploaded_table_in_capture(table.bytes(), stream);
     }
     for (const auto& entry : buckets) run_grad_bucket(requests, entry.second, device, stream);
   }
