@@ -112,6 +112,13 @@ int64_t cut_after_equal_rank(const LevelKernels& kernels, const scalar_t* x, int
   return n;
 }
 
+// Bits needed to write v: 0 for 0, 64 for values from 2^63.
+inline int bit_width(uint64_t v) {
+  int bits = 0;
+  while (bits < 64 && (v >> bits) != 0) ++bits;
+  return bits;
+}
+
 // The bucket copy may hold at most this many entries (16 bytes each).
 inline int64_t candidate_budget(int64_t n) {
   return std::max<int64_t>(n / 8, 16384);
@@ -245,10 +252,7 @@ void sample_bounds(const KeySample<key_t>& sample, int64_t hi_rank, int64_t lo_r
                    key_t* lo, key_t* hi) {
   constexpr int kDigitBits = 11;
   constexpr int64_t kFewInBin = 8;  // a bin this full is narrow enough as it is
-  int span_bits = 1;
-  while (span_bits < 64 && (static_cast<uint64_t>(sample.max - sample.min) >> span_bits) != 0) {
-    ++span_bits;
-  }
+  const int span_bits = std::max(1, bit_width(static_cast<uint64_t>(sample.max - sample.min)));
   const int shift1 = std::max(0, span_bits - kDigitBits);
   const int bits2 = std::min(9, shift1);
   const int shift2 = shift1 - bits2;
@@ -313,8 +317,7 @@ template <typename stored_key_t>
 MagnitudeThreshold resolve_candidates(const BracketCandidates<stored_key_t>& found,
                                       const Chunking& chunks, int64_t n, uint64_t lo, uint64_t hi,
                                       int64_t rank) {
-  int span_bits = 0;  // bits of hi - lo: the only ones that vary among the candidates
-  while (span_bits < 64 && ((hi - lo) >> span_bits) != 0) ++span_bits;
+  const int span_bits = bit_width(hi - lo);  // the only bits that vary among the candidates
   // About two candidates a bin: fewer bins to clear and to search than 2^11 for a short list.
   constexpr int kDigitBits = 11;
   int list_bits = 1;
