@@ -7,7 +7,7 @@ The fake (meta) kernels describe output shapes and dtypes only, so the ops trace
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,13 @@ def cpu_capability() -> str:
 # Python autograd kernel, a few microseconds even when nothing requires grad. Callers that know
 # their result records no gradient call the op below the autograd key instead.
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
+
+
+def records_gradient(tensors: Sequence[torch.Tensor], *more: torch.Tensor) -> bool:
+    """Whether an op's result over these inputs would record a gradient."""
+    return torch.is_grad_enabled() and (
+        any(t.requires_grad for t in more) or any(t.requires_grad for t in tensors)
+    )
 
 
 def call(op: Callable[..., Any], *args: Any, records_gradient: bool) -> Any:

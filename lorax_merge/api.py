@@ -90,7 +90,7 @@ def merge(
     if plan.is_random and density < 1:
         kernel_seed = op_seed(seed_or_drawn(seed))
     args = (tasks, w, plan.pruning, election, density, plan.rescale, kernel_seed)
-    records = _records_gradient(tasks, w)
+    records = _ops.records_gradient(tasks, w)
     if out is not None:
         _ops.call(_ops.ops.merge_out, *args, out, records_gradient=records)
         return out
@@ -99,12 +99,6 @@ def merge(
         thresholds = _ops.ops.magnitude_thresholds(tasks, density)
         return _ops.ops.merge_with_thresholds(*args, 0, thresholds, dtype)
     return _ops.call(_ops.ops.merge, *args, dtype, records_gradient=records)
-
-
-def _records_gradient(tasks: Sequence[torch.Tensor], *weights: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (
-        any(w.requires_grad for w in weights) or any(t.requires_grad for t in tasks)
-    )
 
 
 def merge_many(
@@ -215,7 +209,7 @@ def merge_many(
             plan.rescale,
             [seeds[i] for i in members],
             dtype,
-            records_gradient=_records_gradient(flat, flat_weights),
+            records_gradient=_ops.records_gradient(flat, flat_weights),
         )
         for i, o in zip(members, outs):
             results[i] = o

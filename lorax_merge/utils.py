@@ -39,7 +39,7 @@ def prune(
     method = check_prune_method(method)
     if density >= 1:
         return tensor
-    records = torch.is_grad_enabled() and tensor.requires_grad
+    records = _ops.records_gradient([tensor])
     if method == "magnitude":
         return _ops.call(_ops.ops.magnitude_prune, tensor, density, records_gradient=records)
     seed = seed_or_drawn(check_seed(seed))
@@ -67,5 +67,5 @@ def disjoint_merge(tensor: torch.Tensor, majority_sign_mask: torch.Tensor) -> to
         raise TypeError(
             f"majority_sign_mask must be a bool tensor, got {type(majority_sign_mask).__name__}"
         )
-    records = torch.is_grad_enabled() and tensor.requires_grad
+    records = _ops.records_gradient([tensor])
     return _ops.call(_ops.ops.disjoint_merge, tensor, majority_sign_mask, records_gradient=records)
