@@ -71,9 +71,9 @@ struct DeviceOps {
     MergeRequest request =
         make_request(tasks, weights, pruning, election, density, rescale, seed, 0, out);
     request.index_offset = index_offset;
-    check_out_overlap(request);
     request.thresholds = check_slice(thresholds.value_or(at::Tensor()), index_offset,
                                      request.num_tasks(), request.tasks[0]);
+    check_out_overlap(request);
     if (!request.thresholds.defined() && index_offset > 0 && request.prunes() &&
         request.pruning == Pruning::kMagnitude) {
       // Selected from the slice, whose tie cut counts from the slice's first element; the

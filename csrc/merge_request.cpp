@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
@@ -143,6 +144,17 @@ void check_out_overlap(const MergeRequest& request) {
         at::get_overlap_status(request.out, request.tasks[i]) != at::MemOverlapStatus::Partial,
         "lorax_merge: out shares part of its memory with tasks[", i,
         "]; it must be that tensor itself or not overlap it");
+  }
+  // Every GPU thread reads the weights and the thresholds while others write out.
+  const std::pair<const at::Tensor*, const char*> read_throughout[] = {
+      {&request.weights, "weights"}, {&request.thresholds, "thresholds"}};
+  for (const auto& [tensor, name] : read_throughout) {
+    if (!tensor->defined()) continue;
+    const at::MemOverlapStatus status = at::get_overlap_status(request.out, *tensor);
+    TORCH_CHECK_VALUE(
+        status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
+        "lorax_merge: out shares memory with ", name,
+        ", which the merge reads until its last element is written; give out its own memory");
   }
 }
 

@@ -57,7 +57,8 @@ at::ScalarType accumulate_type(at::ScalarType task_dtype, at::ScalarType out_dty
 // A checked floating-point dtype as the kernels' ElementType.
 ElementType element_type(at::ScalarType dtype);
 
-// A destination given by the caller: it may be one of the tasks, but not overlap one in part.
+// A destination given by the caller: it may be one of the tasks, but not overlap one in part,
+// and shares no memory with the weights or the given thresholds.
 void check_out_overlap(const MergeRequest& request);
 
 // Build a request over contiguous views of the tasks (non-contiguous tasks are copied).

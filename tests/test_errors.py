@@ -233,6 +233,25 @@ def test_out_overlapping_part_of_a_task(strategy):
         lorax_merge.merge(tasks, [1.0, 1.0, 1.0], strategy, density=0.5, seed=0, out=wider)
 
 
+def test_out_sharing_memory_with_the_weights_or_thresholds(device):
+    # The GPU kernels read both until the last element of out is written.
+    tasks = [torch.randn(3, device=device, dtype=torch.float64) for _ in range(3)]
+    weights = torch.tensor([1.0, 0.5, -0.25], dtype=torch.float64, device=device)
+    with raises_naming("out", "weights"):
+        lorax_merge.merge(tasks, weights, "ties", density=0.5, out=weights)
+    ops = torch.ops.lorax_merge
+    pairs = [torch.randn(2, device=device, dtype=torch.float64) for _ in range(3)]
+    thresholds = ops.magnitude_thresholds(pairs, 0.5)
+    out = thresholds.view(torch.float64)[0]  # the first task's (key, cut) as two float64s
+    with raises_naming("out", "thresholds"):
+        ops.merge_slice_out(pairs, weights, "magnitude", "total", 0.5, False, 0, 0, thresholds, out)
+    # An out of its own is accepted: the guard does not refuse merely because the tensors meet.
+    fresh = torch.empty(2, device=device, dtype=torch.float64)
+    ops.merge_slice_out(pairs, weights, "magnitude", "total", 0.5, False, 0, 0, thresholds, fresh)
+    expected = lorax_merge.merge(pairs, weights, "ties", density=0.5)
+    assert torch.equal(fresh.view(torch.int64), expected.view(torch.int64))
+
+
 @needs_cuda
 def test_out_on_wrong_device():
     out = torch.empty(4, 5, device="cuda")

@@ -53,8 +53,8 @@ bool stream_is_capturing(cudaStream_t stream);
 
 // Refuses, with a ValueError, a descriptor table of `table_bytes` bytes that would not travel
 // with the kernel, for a call made while its stream captures a CUDA graph. A call checks every
-// table it will build before it enqueues any work, so that a refused call leaves no partial
-// work in the graph.
+// table it will build before it enqueues any kernel, so that a refused call leaves none of
+// its launches in the graph.
 void refuse_uploaded_table(size_t table_bytes);
 
 // Puts a table where the kernel reads it: inside the kernel parameters when it fits

@@ -269,7 +269,7 @@ void run_batch(const std::vector<const MergeRequest*>& requests) {
                       static_cast<int>(r.election), r.density, r.rescale, given}]
         .push_back(g);
   }
-  // A batch that cannot be captured fails before any of its work is enqueued.
+  // A batch that cannot be captured fails before any of its kernels is enqueued.
   if (stream_is_capturing(stream)) refuse_uploaded_tables(requests, buckets);
   const DeviceWeights dw = gather_device_weights(requests);
   for (const auto& entry : buckets) run_bucket(requests, entry.second, dw, device, stream);
