@@ -92,13 +92,15 @@ def reference_gradients(
     """Gradients of the upstream expression w.r.t. every task and the weights.
 
     ``tasks`` and ``weights`` are used as values (they need not require grad); ``grad_out`` is the
-    gradient of the merge's result.
+    gradient of the merge's result. The gradients are computed on the CPU, whatever the inputs'
+    device: CUDA divides a tensor by a Python number as a product with its reciprocal, which
+    differs from the quotient (the kernels' rescale on both devices) in the last place.
     """
-    leaves = [t.detach().clone().requires_grad_(True) for t in tasks]
-    w = weights.detach().clone().requires_grad_(True)
+    leaves = [t.detach().cpu().clone().requires_grad_(True) for t in tasks]
+    w = weights.detach().cpu().clone().requires_grad_(True)
     masks = keep_masks(leaves, strategy, density, seed)
     out = upstream_expression(leaves, w, strategy, density, method, masks)
-    grads = torch.autograd.grad(out, [*leaves, w], grad_out.to(out.dtype))
+    grads = torch.autograd.grad(out, [*leaves, w], grad_out.detach().cpu().to(out.dtype))
     return list(grads[:-1]), grads[-1]
 
 
@@ -115,12 +117,13 @@ def weight_gradient_tolerance(
     A sum of n terms is off by at most about ``n * eps * sum |term|`` in the dtype it is formed in
     (the weighted stack's), and the result is rounded once to the weights' dtype.
     """
+    tasks = [t.detach().cpu() for t in tasks]  # the inputs may be on different devices
     masks = keep_masks(tasks, strategy, density, seed)
     rescale = STRATEGY_TABLE[strategy][0] == "random" and 0 < density < 1
-    g = grad_out.detach().abs().to(torch.float64)
+    g = grad_out.detach().cpu().abs().to(torch.float64)
     bounds = []
     for i, t in enumerate(tasks):
-        v = t.detach().abs().to(torch.float64)
+        v = t.abs().to(torch.float64)
         if masks is not None:
             v = v * masks[i].to(torch.float64)
         bounds.append((g * v).sum() / (density if rescale else 1.0))

@@ -539,7 +539,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 def _grads_on(device, tasks, weights, grad_out, strategy, density, weights_device=None, **kw):
     tasks = _leaves([t.to(device) for t in tasks])
-    w = weights.to(weights_device or device).requires_grad_(True)
+    # A copy of its own on every device: weights.to("cpu") would be `weights` itself, and a
+    # later run's gradient would land in this one's.
+    w = weights.detach().to(weights_device or device, copy=True).requires_grad_(True)
     out = lorax_merge.merge(tasks, w, strategy, **merge_kwargs(strategy, density), **kw)
     out.backward(grad_out.to(device).to(out.dtype))
     return [t.grad for t in tasks], w.grad
@@ -574,7 +576,7 @@ def test_cuda_merge_many_and_slices_equal_cpu(strategy):
     results = []
     for device in ("cpu", "cuda"):
         leaves = [_leaves([t.to(device) for t in g]) for g in groups]
-        wd = w.to(device).requires_grad_(True)
+        wd = w.detach().to(device, copy=True).requires_grad_(True)  # a leaf on each device
         outs = lorax_merge.merge_many(
             leaves,
             [wd[:2], wd[2:]],
