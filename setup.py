@@ -21,6 +21,7 @@ import glob
 import os
 import platform
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 # torch looks for the toolkit at import time; `nvcc` on PATH may be a wrapper outside the
 # toolkit, so point at the standard location before torch guesses from PATH.
@@ -146,10 +147,10 @@ class BuildExtension(cpp_extension.BuildExtension):
     def build_extension(self, ext) -> None:
         args = ext.extra_compile_args
         cxx = args["cxx"] if isinstance(args, dict) else list(args)
-        level_objects = []
-        for level, flags in cpu_levels().items():
+
+        def compile_level(level: str, flags: list[str]) -> list[str]:
             level_flags = cxx + flags + ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
-            level_objects += self.compiler.compile(
+            return self.compiler.compile(
                 LEVEL_SOURCES,
                 output_dir=os.path.join(self.build_temp, f"cpu_{level}"),
                 macros=ext.define_macros + [("CPU_CAPABILITY", level)],
@@ -158,7 +159,14 @@ class BuildExtension(cpp_extension.BuildExtension):
                 extra_postargs={"cxx": level_flags, "nvcc": []},
                 depends=ext.depends,
             )
-        ext.extra_objects = level_objects
+
+        # The levels at once (each is its own ninja run in its own folder): on a machine with
+        # many cores the build then waits for one level, not for each in turn. The objects
+        # keep the levels' order, the baseline first, for the link.
+        levels = cpu_levels()
+        with ThreadPoolExecutor(max_workers=len(levels)) as pool:
+            per_level = list(pool.map(lambda item: compile_level(*item), levels.items()))
+        ext.extra_objects = [obj for objects in per_level for obj in objects]
         super().build_extension(ext)
 
 
