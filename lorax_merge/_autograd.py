@@ -32,21 +32,66 @@ def _prunes_by_magnitude(pruning: str, density: float) -> bool:
     return pruning == "magnitude" and density < 1
 
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-_CANONICAL_HALF_NAN_BITS = 0x7FFF  # csrc/common/canonical_nan.h
+# The one NaN of each dtype (csrc/common/canonical_nan.h), as the bits of an integer of its width.
+_CANONICAL_NAN = {
+    torch.float64: (torch.int64, 0x7FFF_FFFF_FFFF_FFFF),
+    torch.float32: (torch.int32, 0x7FFF_FFFF),
+    torch.float16: (torch.int16, 0x7FFF),
+    torch.bfloat16: (torch.int16, 0x7FFF),
+}
 
 
-def _weight_grad(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The op's float64 weight gradient as the weights' own dtype and device.
+def _weight_grad(grad: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A float64 weight gradient as the weights' own dtype and device, NaNs canonical.
 
-    The op writes the canonical float64 NaN, which both devices convert to the canonical
-    float32 one; a conversion to a 16-bit dtype gives another NaN on the CPU than on the GPU,
-    so those NaNs are rewritten as the canonical 16-bit pattern.
+    The ops write the canonical float64 NaN, but a conversion to a 16-bit dtype gives another
+    NaN on the CPU (c10's converters) than on the GPU, and a sum taken here (merge_many's
+    shared weights) can make x86's negative NaN: every NaN is rewritten as its dtype's one.
     """
-    converted = grad.to(device=weights.device, dtype=weights.dtype)
-    if weights.dtype in _HALF_DTYPES:
-        converted.view(torch.int16).masked_fill_(converted.isnan(), _CANONICAL_HALF_NAN_BITS)
+    converted = grad.to(device=device, dtype=dtype)
+    as_int, bits = _CANONICAL_NAN[dtype]
+    converted.view(as_int).masked_fill_(converted.isnan(), bits)
     return converted
+
+
+class _FlatWeights(torch.autograd.Function):
+    """merge_many's float64 weights: ``repeats`` copies of one shared vector, or the groups'
+    vectors one after another. The backward gives every device the same bits: a shared vector's
+    gradient sums the groups' gradients one group after another (torch's reduction of a repeat
+    sums in another order on each device), and each gradient is converted as merge's is."""
+
+    @staticmethod
+    def forward(ctx, repeats: int, *weights: torch.Tensor) -> torch.Tensor:
+        ctx.parts = [(w.numel(), w.dtype, w.device) for w in weights]
+        if len(weights) == 1:
+            return weights[0].to(torch.float64).repeat(repeats)
+        return torch.cat([w.to(torch.float64) for w in weights])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sizes = [numel for numel, _, _ in ctx.parts]
+        if len(ctx.parts) == 1:
+            pieces = grad.split(sizes[0])
+            total = pieces[0]
+            for piece in pieces[1:]:
+                total = total + piece
+            grads = [total]
+        else:
+            grads = list(grad.split(sizes))
+        converted = [
+            _weight_grad(g, dtype, device) for g, (_, dtype, device) in zip(grads, ctx.parts)
+        ]
+        return (None, *converted)
+
+
+def flat_weights(weights: list[torch.Tensor], repeats: int = 1) -> torch.Tensor:
+    """The float64 weights of a merge_many call: ``weights[0]`` ``repeats`` times (one shared
+    vector), or the vectors one after another (``repeats`` 1)."""
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        return _FlatWeights.apply(repeats, *weights)
+    if len(weights) == 1:
+        return weights[0].to(torch.float64).repeat(repeats)
+    return torch.cat([w.to(torch.float64) for w in weights])
 
 
 def _task_grads(grads: list[torch.Tensor], needs: list[bool]) -> list[torch.Tensor | None]:
@@ -74,7 +119,7 @@ def _merges_backward(ctx, grads, tasks, weights, group_sizes, seeds, offset, thr
     task_grads, weight_grads = ops.merge_backward(
         grads, tasks, group_sizes, weights, *args, any(needs_tasks), needs_weights
     )
-    w_grad = _weight_grad(weight_grads, weights) if needs_weights else None
+    w_grad = _weight_grad(weight_grads, weights.dtype, weights.device) if needs_weights else None
     return _task_grads(task_grads, needs_tasks), w_grad
 
 

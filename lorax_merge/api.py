@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _ops
+from . import _autograd, _ops
 from ._validation import (
     as_weight_tensor,
     check_density,
@@ -195,9 +195,9 @@ def merge_many(
     for (dtype, _), members in batches.items():
         flat = [t for i in members for t in groups[i]]
         if shared:
-            flat_weights = group_weights[0].to(torch.float64).repeat(len(members))
+            flat_weights = _autograd.flat_weights([group_weights[0]], len(members))
         else:
-            flat_weights = torch.cat([group_weights[i].to(torch.float64) for i in members])
+            flat_weights = _autograd.flat_weights([group_weights[i] for i in members])
         outs = _ops.call(
             _ops.ops.merge_many,
             flat,

@@ -23,6 +23,8 @@ from helpers import (
     ELECTING_STRATEGIES,
     RANDOM_STRATEGIES,
     STRATEGIES,
+    assert_same_bits,
+    bits,
     make_tasks,
     merge_kwargs,
     tie_free,
@@ -49,7 +51,10 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(view)
 
 
-def assert_same_bits(got: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+def assert_same_bits_any_nan(got: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    """Same bits, except that any NaN matches any NaN: for comparisons with torch's own
+    arithmetic, whose NaNs keep x86's signs and payloads (the kernels write one NaN per dtype,
+    which assert_same_bits checks between the kernels' results)."""
     assert got.dtype == expected.dtype, f"{what}: dtype {got.dtype} != {expected.dtype}"
     assert got.shape == expected.shape, f"{what}: shape {got.shape} != {expected.shape}"
     differ = _bits(got) != _bits(expected)
@@ -177,7 +182,7 @@ def test_gradients_equal_the_upstream_expression(device, strategy, dtype, densit
         tasks, weights, grad_out, strategy, density, seed=kw.get("seed")
     )
     for i, (got, ref) in enumerate(zip(task_grads, ref_tasks)):
-        assert_same_bits(got, ref, f"{strategy} {dtype} task {i}")
+        assert_same_bits_any_nan(got, ref, f"{strategy} {dtype} task {i}")
     tol = weight_gradient_tolerance(tasks, weights, grad_out, strategy, density, kw.get("seed"))
     assert_close_nan_aware(w_grad, ref_w, tol, f"{strategy} {dtype} weights")
 
@@ -197,7 +202,7 @@ def test_elected_gradients_with_ties_and_float64_weights(device, strategy, metho
         tasks, weights, grad_out.to(device), strategy, 0.6, method, seed=SEED
     )
     for got, ref in zip(task_grads, ref_tasks):
-        assert_same_bits(got, ref, f"{strategy} {method}")
+        assert_same_bits_any_nan(got, ref, f"{strategy} {method}")
     tol = weight_gradient_tolerance(tasks, weights, grad_out, strategy, 0.6, SEED)
     assert_close_nan_aware(w_grad, ref_w, tol, f"{strategy} {method} weights")
 
@@ -214,7 +219,7 @@ def test_nan_and_inf_as_the_upstream_expression(device, strategy, dtype):
     task_grads, w_grad, _ = _merge_grads(tasks, weights, grad_out, strategy, 0.5)
     ref_tasks, ref_w = reference_gradients(tasks, weights, grad_out, strategy, 0.5, seed=SEED)
     for i, (got, ref) in enumerate(zip(task_grads, ref_tasks)):
-        assert_same_bits(got, ref, f"{strategy} task {i}")
+        assert_same_bits_any_nan(got, ref, f"{strategy} task {i}")
     tol = weight_gradient_tolerance(
         tasks, weights, grad_out.nan_to_num(posinf=0.0), strategy, 0.5, SEED
     )
@@ -238,6 +243,73 @@ def test_nan_gradients_are_the_canonical_nan(device, strategy, weights_dtype):
         nan_bits = set(unsigned_bits(grad[torch.isnan(grad)]))
         assert nan_bits <= {CANONICAL_NAN_BITS[grad.dtype]}, f"{strategy} {what}: {nan_bits}"
     assert bool(torch.isnan(w_grad[1:]).all()), "the case should make weight gradients NaN"
+
+
+_WEIGHT_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def _groups_with_opposite_infinite_gradients(device):
+    """Six groups of three tasks (of several lengths) and their result gradients, where the
+    gradients of groups 1 and 3 are +Inf and -Inf at an entry every strategy keeps and elects:
+    each weight's gradient is NaN in their sum."""
+    groups, grads = [], []
+    for g in range(6):
+        tasks = make_tasks(3, (50 + 7 * g,), torch.float32, "normal", seed=40 + g, device=device)
+        for t in tasks:
+            t[0] = 3.0
+        grad = torch.randn(50 + 7 * g, generator=torch.Generator().manual_seed(g)).to(device)
+        grad[0] = {1: math.inf, 3: -math.inf}.get(g, grad[0].item())
+        groups.append(tasks)
+        grads.append(grad)
+    return groups, grads
+
+
+def _backward_of_outputs(outs, grads):
+    sum((o * g).sum() for o, g in zip(outs, grads)).backward()  # each output's gradient is g
+
+
+@pytest.mark.parametrize("weights_dtype", _WEIGHT_DTYPES, ids=str)
+@pytest.mark.parametrize("strategy", ["linear", "ties", "dare_ties"])
+def test_merge_many_shared_weights_sum_the_groups_in_order(device, strategy, weights_dtype):
+    """A weight vector shared by every group gets the groups' float64 gradients summed one group
+    after another, converted once, with its dtype's one NaN: the same bits on every device."""
+    groups, grads = _groups_with_opposite_infinite_gradients(device)
+    weights = torch.tensor([0.8, -1.7, 0.35], dtype=weights_dtype, device=device)
+    kw = merge_kwargs(strategy, 0.4, seed=SEED)
+    shared = weights.detach().clone().requires_grad_(True)
+    outs = lorax_merge.merge_many(groups, shared, strategy=strategy, **kw)
+    _backward_of_outputs(outs, grads)
+    total = None
+    for i, (group, grad) in enumerate(zip(groups, grads)):
+        # The group's own merge with the same float64 weights and result dtype.
+        w64 = weights.detach().to(torch.float64).requires_grad_(True)
+        seed = {"seed": lorax_merge.derive_group_seed(SEED, i)} if "seed" in kw else {}
+        other = {k: v for k, v in kw.items() if k != "seed"}
+        out = lorax_merge.merge(group, w64, strategy, out_dtype=outs[i].dtype, **other, **seed)
+        out.backward(grad.to(out.dtype))
+        total = w64.grad if total is None else total + w64.grad
+    expected = total.to(weights_dtype)
+    as_int = bits(expected).dtype
+    expected.view(as_int).masked_fill_(expected.isnan(), CANONICAL_NAN_BITS[weights_dtype])
+    assert bool(expected.isnan().all()), "the case should make every weight gradient NaN"
+    assert_same_bits(shared.grad, expected, f"{strategy} {weights_dtype}")
+
+
+@pytest.mark.parametrize("weights_dtype", _WEIGHT_DTYPES, ids=str)
+def test_merge_many_per_group_weights_get_their_groups_gradients(device, weights_dtype):
+    groups, grads = _groups_with_opposite_infinite_gradients(device)
+    groups[2][2][5] = math.nan  # the gradient of group 2's third weight is NaN
+    base = torch.tensor([0.8, -1.7, 0.35], dtype=weights_dtype, device=device)
+    per_group = [(base * (i + 1)).requires_grad_(True) for i in range(len(groups))]
+    outs = lorax_merge.merge_many(groups, per_group, strategy="ties", density=0.4)
+    _backward_of_outputs(outs, grads)
+    for i, (group, grad, w) in enumerate(zip(groups, grads, per_group)):
+        alone = w.detach().clone().requires_grad_(True)
+        lorax_merge.merge(group, alone, "ties", density=0.4).backward(grad)
+        assert_same_bits(w.grad, alone.grad, f"group {i}")
+        nan_bits = set(unsigned_bits(w.grad[torch.isnan(w.grad)]))
+        assert nan_bits <= {CANONICAL_NAN_BITS[weights_dtype]}, f"group {i}: {nan_bits}"
+    assert bool(per_group[2].grad[2].isnan()), "the case should make a weight gradient NaN"
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -302,11 +374,11 @@ def test_prune_gradients_are_the_masked_gradient():
     g = torch.randn(50, 40).to(torch.bfloat16)
     utils.prune(x, 0.3, "magnitude").backward(g)
     keep = magnitude_keep_mask(x.detach(), 0.3)
-    assert_same_bits(x.grad, g * keep.to(g.dtype))
+    assert_same_bits_any_nan(x.grad, g * keep.to(g.dtype))
     y = x.detach().clone().requires_grad_(True)
     utils.prune(y, 0.3, "random", rescale=True, seed=9, stream=4).backward(g)
     mask = utils.prune(torch.ones_like(y), 0.3, "random", seed=9, stream=4) != 0
-    assert_same_bits(y.grad, (g / 0.3) * mask.to(g.dtype))
+    assert_same_bits_any_nan(y.grad, (g / 0.3) * mask.to(g.dtype))
 
 
 # ---------------------------------------------------------------------------------- determinism
@@ -530,7 +602,7 @@ def test_random_strategies_need_no_mask_memory():
             tasks, torch.tensor([1.0, 0.5]), torch.ones(30, 30), strategy, 0.5, seed=seed
         )
         for got, expected in zip(leaves, ref):
-            assert_same_bits(got.grad, expected, strategy)
+            assert_same_bits_any_nan(got.grad, expected, strategy)
 
 
 # --------------------------------------------------------------------------------------- CUDA
