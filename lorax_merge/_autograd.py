@@ -25,7 +25,7 @@ from ._ops import ops
 
 def _unit_weight() -> torch.Tensor:
     """The weight of a one-task merge (pruning alone)."""
-    return torch.ones(1, dtype=torch.float64)
+    return torch.ones(1, dtype=torch.float64, device="cpu")
 
 
 def _prunes_by_magnitude(pruning: str, density: float) -> bool:

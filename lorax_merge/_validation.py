@@ -151,7 +151,7 @@ def as_weight_tensor(
         for i, v in enumerate(values):
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"{arg}[{i}] must be a real number, got {describe(v)}")
-        w = torch.tensor([float(v) for v in values], dtype=torch.float32)
+        w = torch.tensor([float(v) for v in values], dtype=torch.float32, device="cpu")
     if w.numel() != num_tasks:
         raise ValueError(f"{arg} has {w.numel()} entries but there are {num_tasks} task tensors")
     return w

@@ -110,8 +110,9 @@ def plan_batches(
     return [Batch(tuple(names), key[0]) for key, lists in chunks.items() for names in lists]
 
 
-def _weights_list(weights: Any, count: int) -> tuple[list[float], torch.Tensor | None]:
-    """Return the weights as floats, and the tensor the caller gave (None for a sequence)."""
+def _weights_list(weights: Any, count: int) -> tuple[list[float] | None, torch.Tensor | None]:
+    """Return the weights as floats (None for a tensor: reading it would wait for its device),
+    and the tensor the caller gave (None for a sequence)."""
     if weights is None:
         return [1.0] * count, None
     if isinstance(weights, torch.Tensor):
@@ -122,7 +123,7 @@ def _weights_list(weights: Any, count: int) -> tuple[list[float], torch.Tensor |
             )
         if not weights.is_floating_point():
             raise TypeError(f"weights: expected a floating-point tensor, got {weights.dtype}")
-        return [float(x) for x in weights.detach().cpu().tolist()], weights.detach()
+        return None, weights.detach()
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         raise TypeError(
             f"weights: expected a sequence of numbers or a tensor, got {type(weights).__name__}"
@@ -282,6 +283,8 @@ def merge_adapters(
                 f"scalings: weighting='peft' needs one scaling per adapter ({count}), got "
                 f"{None if scalings is None else len(scalings)}"
             )
+        if weight_values is None:  # the factors' weights are computed on the host
+            weight_values = [float(x) for x in weight_tensor.cpu().tolist()]
         factor_weights = [peft_factor_weights(w, s) for w, s in zip(weight_values, scalings)]
         if count == 1:
             spec = STRATEGIES[LINEAR]  # PEFT merges a single adapter linearly
@@ -307,8 +310,11 @@ def merge_adapters(
             side = 0 if lora_factor(name) == "A" else 1
             return [factor_weights[i][side] for i in idx]
         if weight_tensor is not None:
-            device = groups[name][0][1].device
-            return weight_tensor.to(device)[torch.tensor(idx, device=device)]
+            # The caller's tensor, or its entries stacked where it lives: nothing is copied
+            # from the host, and CPU weights stay there (their values travel with the launch).
+            if idx == list(range(count)):
+                return weight_tensor
+            return torch.stack([weight_tensor[i] for i in idx])
         return [weight_values[i] for i in idx]
 
     tensors = {name: [t for _, t in members] for name, members in groups.items()}

@@ -161,7 +161,7 @@ def merged_delta(
     kernel_seed = 0
     if rule.is_random and density < 1:
         kernel_seed = op_seed(seed_or_drawn(seed))
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32, device="cpu")
     buffers = [torch.empty(rows, k, dtype=dtype, device=device) for _ in a_work]
     for r0 in range(0, d, rows):
         count = min(rows, d - r0)

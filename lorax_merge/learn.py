@@ -86,7 +86,7 @@ class _MergePlan:
         row = {m: r for r, m in enumerate(self.modules)}
         self.rows = [row[module_name(n)] for n in self.names]
         self.groups = [in_task_dtype([t.detach() for _, t in members[n]]) for n in self.names]
-        self.indices = [torch.tensor([i for i, _ in members[n]]) for n in self.names]
+        self.indices = [torch.tensor([i for i, _ in members[n]], device="cpu") for n in self.names]
         self.device = self.groups[0][0].device
         self.indices = [idx.to(self.device) for idx in self.indices]
 
@@ -161,7 +161,10 @@ def learn_weights(
     count = len(adapters)
     plan = _MergePlan(adapters)
 
-    start = torch.full((count,), 1.0 / count) if init is None else torch.as_tensor(init)
+    if init is None:
+        start = torch.full((count,), 1.0 / count, device="cpu")
+    else:
+        start = torch.as_tensor(init, device=init.device if torch.is_tensor(init) else "cpu")
     start = start.detach().to(device=plan.device, dtype=torch.float32).reshape(-1)
     if start.numel() != count:
         raise ValueError(f"init has {start.numel()} values but there are {count} adapters")

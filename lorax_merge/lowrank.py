@@ -156,7 +156,7 @@ def svd_of_factor_sum(
         r_b @ r_a.mT, full_matrices=False, driver=torch_driver(driver)
     )
     u, vh = canonical_signs(q_b @ u_core, vh_core @ q_a.mT)
-    nan = torch.tensor(math.nan, dtype=_WORK, device=u.device)
+    nan = torch.full((), math.nan, dtype=_WORK, device=u.device)
     return tuple(torch.where(finite, x, nan) for x in (u, s, vh))  # type: ignore[return-value]
 
 
@@ -222,7 +222,7 @@ def refactor_dense(
         u, s, vh = randomized_svd(matrix, rank)
     else:
         u, s, vh = dense_svd(matrix, full_matrices=full_matrices, driver=driver)
-    nan = torch.tensor(math.nan, dtype=u.dtype, device=u.device)
+    nan = torch.full((), math.nan, dtype=u.dtype, device=u.device)
     return tuple(torch.where(finite, x, nan) for x in (u, s, vh))  # type: ignore[return-value]
 
 

@@ -137,15 +137,16 @@ def _merge_factor_space(
     for side, tensors, side_weights in (("A", tensors_a, weights_a), ("B", tensors_b, weights_b)):
         merged = merge(
             tensors,
-            torch.tensor(side_weights),
+            torch.tensor(side_weights, device="cpu"),
             combination_type,
             density=1.0 if density is None else density,
             majority_sign_method=majority_sign_method,
             seed=None if seed is None else derive_tensor_seed(seed, f"{key}.lora_{side}"),
             out_dtype=dtype,
         )
-        # PEFT's sum starts from +0: an all-(-0) sum is +0 there.
-        results.append(merged if spec.elects_sign else merged.add_(0.0))
+        # PEFT's sum starts from +0: an all-(-0) sum is +0 there. (Not `+ 0.0`, which on the CPU
+        # would also rewrite the canonical NaN of a 16-bit result.)
+        results.append(merged if spec.elects_sign else merged.masked_fill_(merged == 0, 0.0))
     return results
 
 

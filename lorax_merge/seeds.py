@@ -61,7 +61,7 @@ def draw_seed() -> int:
 
     ``torch.manual_seed`` fixes it, so a merge with ``seed=None`` is reproducible.
     """
-    return int(torch.empty((), dtype=torch.int64).random_().item())
+    return int(torch.empty((), dtype=torch.int64, device="cpu").random_().item())
 
 
 def seed_or_drawn(seed: int | None) -> int:

@@ -152,6 +152,24 @@ def test_output_dtypes(states):
         assert torch.equal(kept[name], default[name].to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("strategy", ["linear", "ties", "dare_ties"])
+def test_a_tensor_of_weights_merges_as_the_list(states, strategy):
+    # Names held by some adapters only take their entries of the tensor.
+    weights = [0.7, -1.3, 0.4]
+    kw = {"strategy": strategy, "density": 0.5, "seed": 3}
+    expected = A.merge_adapters(states, weights, **kw)
+    got = A.merge_adapters(states, torch.tensor(weights), **kw)
+    assert list(got) == list(expected)
+    for name in expected:
+        assert torch.equal(got[name].view(torch.int32), expected[name].view(torch.int32)), name
+    scalings = [2.0, 1.0, 0.25]
+    peft = {"weighting": "peft", "scalings": scalings, "strategy": "linear"}
+    by_list = A.merge_adapters(states, weights, **peft)
+    by_tensor = A.merge_adapters(states, torch.tensor(weights, dtype=torch.float64), **peft)
+    for name in by_list:
+        assert torch.equal(by_tensor[name], by_list[name]), name
+
+
 def test_mixed_input_dtypes_are_promoted(states):
     mixed = [dict(states[0]), {k: v.to(torch.float16) for k, v in states[1].items()}, states[2]]
     merged = A.merge_adapters(mixed, [1.0, 1.0, 1.0], out_dtype="input")

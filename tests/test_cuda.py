@@ -432,9 +432,16 @@ def _public_entry_points() -> dict[str, Callable[[], object]]:
         )
         strategy = strategy_registry[s](density=0.5, majority_sign_method="frequency", seed=3)
         calls[f"{type(strategy).__name__}.merge"] = partial(strategy.merge, tasks, w_gpu)
-        calls[f"merge_adapters {s}"] = partial(
-            lorax_merge.merge_adapters, adapters, [1.0, 0.5, -0.5], strategy=s, density=0.5, seed=2
-        )
+        for label, w in (("list", [1.0, 0.5, -0.5]), ("gpu", w_gpu), ("cpu", w_cpu)):
+            calls[f"merge_adapters {s} {label} weights"] = partial(
+                lorax_merge.merge_adapters, adapters, w, strategy=s, density=0.5, seed=2
+            )
+    # An adapter without one of the names takes its entries of a tensor of weights.
+    partial_adapters = [*adapters, {"m.lora_A.weight": tasks[0]}]
+    w4 = torch.tensor([*WEIGHTS3, 0.25], device="cuda")
+    calls["merge_adapters gpu weights, a name some adapters lack"] = partial(
+        lorax_merge.merge_adapters, partial_adapters, w4, strategy="ties", density=0.5
+    )
     calls["prune magnitude"] = partial(utils.prune, tasks[0], 0.3, "magnitude")
     calls["prune random"] = partial(utils.prune, tasks[0], 0.3, "random", rescale=True, seed=4)
     for method in ("total", "frequency"):

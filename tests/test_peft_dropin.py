@@ -371,3 +371,18 @@ def test_cuda_models_merge_like_cpu_models(combination_type):
     for key, layer in layers(cpu).items():
         expected, got = product(layer, "new"), product(layers(gpu)[key], "new").cpu()
         assert float((got - expected).norm() / expected.norm()) < 1e-4, key
+
+
+@pytest.mark.parametrize("combination_type", ["linear", "dare_linear", "magnitude_prune"])
+def test_factor_results_keep_the_canonical_nan_and_turn_negative_zero_positive(combination_type):
+    """As PEFT's sum from +0, an all-(-0) entry becomes +0; a NaN keeps its one pattern."""
+    a = [torch.full((4, 6), -0.0, dtype=torch.bfloat16) for _ in range(2)]
+    b = [torch.full((6, 4), -0.0, dtype=torch.bfloat16) for _ in range(2)]
+    a[0][0, 0] = math.nan
+    found = [(a[i], b[i], 1.0) for i in range(2)]
+    new_a, new_b = lm_peft._merge_factor_space(
+        combination_type, found, [1.0, 0.5], 1.0, "total", 3, "layer"
+    )
+    bits = new_a.view(torch.int16).reshape(-1).tolist()
+    assert bits[0] == 0x7FFF
+    assert set(bits[1:]) == {0} and set(new_b.view(torch.int16).reshape(-1).tolist()) == {0}
