@@ -507,6 +507,90 @@ def test_graph_capture_and_replay(strategy):
     )
 
 
+def _warm_up_beside_the_capture_stream(fn: Callable[[], object]) -> None:
+    """Runs ``fn`` twice on a side stream, as torch wants before a capture (lazy
+    initialisation, autograd's streams), and waits for it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+
+def test_graph_capture_of_merge_into_out_and_of_the_utils_helpers():
+    tasks = make_tasks(3, (4099,), torch.bfloat16, "normal", seed=25, device="cuda")
+    stacked = torch.stack(tasks)
+    weights = torch.tensor(WEIGHTS3, device="cuda")
+    out = torch.empty(4099, device="cuda")
+
+    def run(into=None):
+        merged = lorax_merge.merge(tasks, weights, "dare_ties", density=0.4, seed=5, out=into)
+        mask = utils.calculate_majority_sign_mask(stacked, "frequency")
+        return (
+            merged,
+            utils.prune(tasks[0], 0.3, "magnitude"),
+            utils.prune(tasks[1], 0.3, "random", rescale=True, seed=4),
+            mask,
+            utils.disjoint_merge(stacked, mask),
+        )
+
+    _warm_up_beside_the_capture_stream(lambda: run(out))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run(out)
+    assert captured[0] is out
+
+    def replay_equals_eager(what: str) -> None:
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, (got, expected) in enumerate(zip(captured, run())):
+            assert_same_bits(got, expected, f"{what}: result {i}")
+
+    replay_equals_eager("replay")
+    # New values in the same buffers, the weights on the GPU included: a replay reads them.
+    fresh = make_tasks(3, (4099,), torch.bfloat16, "normal", seed=26, device="cuda")
+    for t, f in zip(tasks, fresh):
+        t.copy_(f)
+    stacked.copy_(torch.stack(fresh))
+    weights.copy_(torch.tensor([-0.75, 1.5, 0.25], device="cuda"))
+    replay_equals_eager("new inputs")
+
+
+@pytest.mark.parametrize("strategy", ["ties", "dare_linear"])
+def test_graph_capture_of_a_merge_and_its_backward(strategy):
+    tasks = make_tasks(3, (4099,), torch.float32, "normal", seed=27, device="cuda")
+    weights = torch.tensor(WEIGHTS3, device="cuda")
+    grad_out = torch.randn(4099, generator=torch.Generator().manual_seed(9)).to("cuda")
+    kw = merge_kwargs(strategy, 0.4, seed=11)
+
+    def step(leaves, w):
+        out = lorax_merge.merge(leaves, w, strategy, **kw)
+        out.backward(grad_out)
+        return out
+
+    def fresh_leaves():
+        leaves = [t.detach().clone().requires_grad_(True) for t in tasks]
+        return leaves, weights.detach().clone().requires_grad_(True)
+
+    leaves, w = fresh_leaves()
+    _warm_up_beside_the_capture_stream(lambda: step(leaves, w))
+    for p in (*leaves, w):
+        p.grad = None  # the captured backward makes the gradients anew
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(leaves, w)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager_leaves, eager_w = fresh_leaves()
+    expected = step(eager_leaves, eager_w)
+    assert_same_bits(captured, expected, f"{strategy} result")
+    assert_same_bits(w.grad, eager_w.grad, f"{strategy} weight gradients")
+    for i, (got, want) in enumerate(zip(leaves, eager_leaves)):
+        assert_same_bits(got.grad, want.grad, f"{strategy} task {i} gradient")
+
+
 def test_graph_capture_of_a_small_merge_many_and_refusal_of_a_large_one():
     groups = [
         make_tasks(2, (100 + g,), torch.float32, "normal", seed=g, device="cuda") for g in range(4)
