@@ -21,6 +21,7 @@ from helpers import (
     ELECTING_STRATEGIES,
     RANDOM_STRATEGIES,
     STRATEGIES,
+    assert_same_bits,
     dare_masks,
     make_tasks,
     merge_kwargs,
@@ -31,8 +32,6 @@ import lorax_merge
 from lorax_merge import _C, utils
 from lorax_merge.strategy_table import STRATEGIES as STRATEGY_SPECS
 
-_INT_OF_WIDTH = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
-
 
 def at_level(level: str, fn):
     """fn() computed with the CPU kernels of `level`."""
@@ -42,20 +41,6 @@ def at_level(level: str, fn):
         return fn()
     finally:
         _C._set_cpu_capability(previous)
-
-
-def assert_same_bits(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Identical bit patterns, except that any NaN matches any NaN."""
-    assert got.dtype == expected.dtype and got.shape == expected.shape, what
-    if got.dtype == torch.bool:
-        assert torch.equal(got, expected), what
-        return
-    nan = torch.isnan(got)
-    assert torch.equal(nan, torch.isnan(expected)), f"{what}: NaN at different places"
-    int_dtype = _INT_OF_WIDTH[got.element_size()]
-    got_bits, expected_bits = got[~nan].view(int_dtype), expected[~nan].view(int_dtype)
-    mismatch = (got_bits != expected_bits).nonzero()
-    assert mismatch.numel() == 0, f"{what}: {mismatch.numel()} elements differ"
 
 
 def assert_every_level_agrees(fn, what: str) -> None:
