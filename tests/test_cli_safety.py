@@ -322,7 +322,17 @@ def test_signal_while_torch_loads(adapter, tmp_path, how, sig):
     }[how]
     env = _env(SIGNAL_AT_TORCH=sig)
     env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        command,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        # A test run started in the background has SIGINT ignored (a shell's `&` does that),
+        # which children inherit, and Python then installs no KeyboardInterrupt handler: give
+        # the child the default disposition an interactive command has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     if sig == "SIGTERM":  # quiet, as a killed process: exit status 143 in a shell
         assert (proc.returncode, proc.stderr) == (-signal.SIGTERM, "")
     elif how == "library import":  # a library never swallows KeyboardInterrupt
