@@ -4,11 +4,13 @@ signals while torch loads or after the commit."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -273,6 +275,170 @@ def test_a_replaced_adapter_is_kept_when_its_name_was_taken_meanwhile(adapter, t
     assert os.listdir(out) == ["theirs.txt"]
     (aside,) = (n for n in os.listdir(parent) if n.endswith(".old"))
     assert (parent / aside / ST_NAME).read_bytes() == old
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """A folder's files by their path inside it (to compare a folder with its moved copy)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_kept_adapter_survives_later_runs_and_returns_when_its_name_is_free(adapter, tmp_path):
+    parent = tmp_path / "outputs"
+    out = parent / "merged"
+    _merge_ok(adapter, out)
+    old = _files(out)
+    _killed_merge(adapter, out, "old adapter moved aside")
+    out.mkdir()  # the free name is taken by someone else before the next runs
+    (out / "theirs.txt").write_text("theirs")
+    for other in ("other1", "other2", "other3"):  # each run tidies again
+        _merge_ok(adapter, parent / other)
+        assert set(_leftovers(parent)) == {"old", "commit"}
+    assert os.listdir(out) == ["theirs.txt"]
+    shutil.rmtree(out)  # the name is free again: the next run puts the old adapter back
+    _merge_ok(adapter, parent / "other4")
+    assert _leftovers(parent) == {} and _files(out) == old
+
+
+def test_a_kept_adapter_given_as_an_input_is_merged_not_tidied(adapter, tmp_path):
+    parent = tmp_path / "outputs"
+    out = parent / "merged"
+    _merge_ok(adapter, out)
+    _killed_merge(adapter, out, "old adapter moved aside")
+    shutil.rmtree(next(p for p in parent.iterdir() if p.name.endswith(".tmp")))
+    out.mkdir()
+    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
+    before = tree_digest(aside)
+    _merge_ok(aside, parent / "recovered")
+    assert tree_digest(aside) == before
+    assert (parent / "recovered" / ST_NAME).read_bytes() == (aside / ST_NAME).read_bytes()
+
+
+def test_a_name_taken_between_the_two_renames_keeps_both_and_says_where(
+    adapter, tmp_path, monkeypatch
+):
+    parent = tmp_path / "outputs"
+    out = parent / "merged"
+    _merge_ok(adapter, out)
+    old = _files(out)
+    rename = os.rename
+
+    def someone_takes_the_name(src, dst):
+        rename(src, dst)
+        if str(dst).endswith(".old"):
+            os.mkdir(out)
+            (out / "theirs.txt").write_text("theirs")
+
+    monkeypatch.setattr(os, "rename", someone_takes_the_name)
+    code, stdout, stderr = _merge(adapter, out, "--weights", "2", "--overwrite")
+    monkeypatch.setattr(os, "rename", rename)
+    assert_one_line_error(code, stdout, stderr)
+    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
+    assert f"the adapter that was there is kept in {aside}" in stderr
+    assert _files(aside) == old
+    for other in ("other1", "other2"):
+        _merge_ok(adapter, parent / other)
+        assert _files(aside) == old and os.listdir(out) == ["theirs.txt"]
+
+
+def test_a_file_added_just_before_the_swap_is_not_deleted(adapter, tmp_path, monkeypatch):
+    out = tmp_path / "outputs" / "merged"
+    _merge_ok(adapter, out)
+    old = tree_digest(out)
+    write_journal = out_folder._write_journal
+
+    def journal_then_someone_writes(path, output, temporary):
+        fd = write_journal(path, output, temporary)
+        (out / "notes.txt").write_text("user notes")
+        return fd
+
+    monkeypatch.setattr(out_folder, "_write_journal", journal_then_someone_writes)
+    code, stdout, stderr = _merge(adapter, out, "--weights", "2", "--overwrite")
+    assert_one_line_error(code, stdout, stderr)
+    assert "notes.txt" in stderr and "it changed while merging" in stderr
+    assert (out / "notes.txt").read_text() == "user notes"
+    os.unlink(out / "notes.txt")
+    assert tree_digest(out) == old and os.listdir(out.parent) == ["merged"]
+
+
+def test_dot_dot_after_a_link_is_the_kernels(adapter, tmp_path, monkeypatch):
+    # latest -> data/models/run7: latest/../merged is data/models/merged, never work/merged.
+    (tmp_path / "data" / "models" / "run7").mkdir(parents=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "latest").symlink_to(tmp_path / "data" / "models" / "run7")
+    _merge_ok(adapter, work / "merged")
+    (work / "merged" / "README.md").write_text("mine")
+    before = tree_digest(work / "merged")
+    monkeypatch.chdir(work)
+    _merge_ok(adapter, Path("latest/../merged"), "--weights", "3", "--overwrite")
+    assert tree_digest(work / "merged") == before
+    assert (tmp_path / "data" / "models" / "merged" / ST_NAME).is_file()
+
+
+def test_an_input_reached_through_a_bind_mount_is_refused_as_output(adapter, tmp_path):
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    before = tree_digest(adapter)
+    script = (
+        f"mount --bind {adapter.parent} {alias} && "
+        f"{sys.executable} -m lorax_merge {adapter} -o {alias / adapter.name} "
+        "--strategy linear --weights 2 --overwrite"
+    )
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no mount namespaces here (unshare -m)")
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script], env=_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "is inside the input adapter folder" in proc.stderr
+    assert tree_digest(adapter) == before
+
+
+def test_leftovers_locked_by_a_run_elsewhere_are_left_alone(adapter, tmp_path):
+    # A run in another PID namespace, or on another host sharing the folder, has an id that
+    # means nothing here (here: one of a process that has ended); its lock is what counts.
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    theirs = parent / f".lorax-merge-{ended.pid}-0123abcd.tmp"
+    theirs.mkdir()
+    (theirs / ST_NAME).write_bytes(b"being written")
+    holder = os.open(theirs, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        _merge_ok(adapter, parent / "merged")
+        assert (theirs / ST_NAME).read_bytes() == b"being written"
+    finally:
+        os.close(holder)
+    _merge_ok(adapter, parent / "again")  # unlocked: its run is gone
+    assert not theirs.exists()
+
+
+def test_a_replaced_folder_keeps_its_permissions(adapter, tmp_path):
+    out = tmp_path / "private"
+    out.mkdir(mode=0o700)
+    os.chmod(out, 0o700)
+    _merge_ok(adapter, out)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
+    _merge_ok(adapter, out, "--weights", "2", "--overwrite")
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
+
+
+def test_a_reader_that_went_away_does_not_fail_a_finished_merge(adapter, tmp_path):
+    out = tmp_path / "merged"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorax_merge", adapter, "-o", out, "--strategy", "linear"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # as `lorax-merge ... | head -0` would
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, stderr
+    assert stderr == "" and (out / ST_NAME).is_file()
 
 
 def test_leftovers_of_a_running_process_are_left_alone(adapter, tmp_path):

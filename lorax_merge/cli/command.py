@@ -334,7 +334,14 @@ def _run(argv: Sequence[str], guard: out_folder.CommitGuard) -> int:
     with out_folder.atomic_output(output, args.output, args.overwrite, guard) as folder:
         _write_adapter(folder, plan, inputs, tensors, config)
     elapsed = time.perf_counter() - started
-    print(report.summary(plan, inputs, args.output, tensors, config, elapsed))
+    try:
+        print(report.summary(plan, inputs, args.output, tensors, config, elapsed), flush=True)
+    except BrokenPipeError:
+        # The adapter is in place: a reader that went away does not undo the merge. Later
+        # writes to stdout (at exit) go nowhere instead of failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return 0
 
 

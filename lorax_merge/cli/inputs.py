@@ -87,7 +87,7 @@ def check_input_dir(arg: str, position: int) -> Path:
             pass
     except OSError as exc:
         raise CliError(f"{shown}: cannot read adapter folder ({exc.strerror or exc})") from None
-    return Path(os.path.abspath(path))
+    return Path(os.path.realpath(path))  # the folder the kernel reached (`link/..` included)
 
 
 def _open_regular_file(path: Path, shown: str) -> tuple[int, os.stat_result]:

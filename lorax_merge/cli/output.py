@@ -3,19 +3,24 @@
 The merged adapter is written into a hidden temporary folder beside the output, flushed to disk
 and renamed into place only when complete. Every hidden name holds the creating process's id,
 ``.lorax-merge-PID-TOKEN.{tmp,old,commit}``, so that any later run writing into the same parent
-folder can tell what a killed run left behind and tidy it: a temporary folder is deleted, an old
-adapter that was moved aside is deleted once its replacement is in place and put back when it
-is not. The old adapter is never deleted before its replacement is in place.
+folder can tell what a killed run left behind and tidy it. A run holds a lock on its temporary
+folder and on its commit journal while it lives, so another run (on another host, or in another
+PID namespace, where the id says nothing) leaves them alone. A temporary folder is deleted; an
+old adapter that was moved aside is deleted only when the journal shows its replacement in place
+(the output is the very folder the run wrote, by file identity), put back when the output name
+is free, and otherwise kept. The old adapter is never deleted before its replacement is in place.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,14 +46,41 @@ _ADAPTER_FILE_PATTERN = re.compile(r".+\.(safetensors|bin)|rng_state_[0-9]+\.pth
 
 # ---------------------------------------------------------------------------------------- checks
 def output_path(output_arg: str) -> Path:
-    """The absolute output path; an empty argument is refused (it would mean the current folder)."""
+    """The absolute output path, with the links and ``..`` of the folders above it resolved as
+    the kernel resolves them (``link/../name`` is beside the link's target, not beside the link)
+    and the last part as given, so that a link there is seen and refused. An empty argument is
+    refused (it would mean the current folder)."""
     if output_arg == "":
         raise CliError("--output is an empty path (an unset shell variable?); give the folder")
-    return Path(os.path.abspath(output_arg))
+    joined = os.path.join(os.getcwd(), output_arg)
+    parent, name = os.path.split(joined.rstrip(os.sep) or os.sep)
+    if name in ("", ".", ".."):
+        return Path(os.path.realpath(joined))
+    return Path(os.path.realpath(parent)) / name
 
 
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+def _identities_up(path: str | Path) -> Iterator[os.stat_result]:
+    """The identity of ``path`` (when it exists) and of every folder above it, links resolved."""
+    current = os.path.realpath(path)
+    while True:
+        try:
+            yield os.stat(current)
+        except OSError:
+            pass  # a part that does not exist yet
+        parent = os.path.dirname(current)
+        if parent == current:
+            return
+        current = parent
+
+
+def _within(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it, by file identity rather than by name:
+    a bind mount, or another spelling on a case-insensitive filesystem, is no way around it."""
+    try:
+        target = os.stat(folder)
+    except OSError:
+        return False  # a folder that does not exist holds nothing
+    return any(os.path.samestat(info, target) for info in _identities_up(path))
 
 
 def _unexpected_entries(folder: Path) -> list[str]:
@@ -91,18 +123,21 @@ def _check_replaceable(output: Path, shown: str) -> None:
         )
 
 
-def _protected(real_out: str) -> str | None:
+def _protected(output: Path) -> str | None:
     """Why the output may never be replaced: the root, home or current folder, or one above."""
     folders = {
         "the root folder": os.sep,
-        "the home folder": os.path.realpath(os.path.expanduser("~")),
-        "the current folder": os.path.realpath(os.getcwd()),
+        "the home folder": os.path.expanduser("~"),
+        "the current folder": os.getcwd(),
     }
     for what, folder in folders.items():
-        if real_out == folder:
-            return f"is {what}"
+        try:
+            if os.path.samestat(os.stat(output), os.stat(folder)):
+                return f"is {what}"
+        except OSError:
+            pass
     for what, folder in folders.items():
-        if _inside(folder, real_out):
+        if _within(folder, output):
             return f"contains {what}"
     return None
 
@@ -118,20 +153,18 @@ def check_output(output: Path, output_arg: str, inputs: Sequence[Adapter], overw
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise CliError(f"--output {shown}: {show(ancestor)} is not a folder")
-    remove_leftovers(output.parent)
-    real_out = os.path.realpath(output)
-    reason = _protected(real_out)
+    remove_leftovers(output.parent, keep=[adapter.path for adapter in inputs])
+    reason = _protected(output)
     if reason is not None:
         raise CliError(f"--output {shown} {reason}; give a new folder or an adapter folder")
     for adapter in inputs:
-        real_in = os.path.realpath(adapter.path)
-        if _inside(real_out, real_in):
+        if _within(output, adapter.path):
             raise CliError(f"--output {shown} is inside the input adapter folder {adapter.shown}")
-        if _inside(real_in, real_out):
+        if _within(adapter.path, output):
             raise CliError(f"--output {shown} contains the input adapter folder {adapter.shown}")
         for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
             if os.path.lexists(adapter.path / name):
-                if _inside(os.path.realpath(adapter.path / name), real_out):
+                if _within(adapter.path / name, output):
                     raise CliError(
                         f"--output {shown} holds {name} of the input adapter folder "
                         f"{adapter.shown} (through a symbolic link)"
@@ -155,6 +188,8 @@ def check_output(output: Path, output_arg: str, inputs: Sequence[Adapter], overw
 
 # ------------------------------------------------------------------------------------- leftovers
 def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs here (one in another PID namespace, or on another
+    host sharing the folder, does not show: the locks below are what count)."""
     if pid == os.getpid():
         return True
     try:
@@ -166,31 +201,66 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _journal_target(journal: str | None) -> str | None:
-    """The output name a commit journal records, or None when there is none or it is unreadable."""
-    if journal is None:
+def _lock(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting; False where another process holds it
+    or the filesystem cannot lock (then nobody can tell whether its owner still runs)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _lock_path(path: str, folder: bool) -> int | None:
+    """An open descriptor of ``path``, locked, or None when its owner may still run."""
+    flags = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if folder else os.O_RDWR
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
         return None
+    if _lock(fd):
+        return fd
+    os.close(fd)
+    return None
+
+
+def _read_journal(journal: str | None) -> tuple[str | None, tuple[int, int] | None]:
+    """The output name a commit journal records, and the identity (device, inode) of the
+    folder that was to take that name; None for what it does not hold or cannot be read."""
+    if journal is None:
+        return None, None
     try:
         with open(journal, encoding="utf-8") as handle:
-            name = json.load(handle)["output"]
+            record = json.load(handle)
+        name = record["output"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return name if isinstance(name, str) and name and os.sep not in name else None
+        return None, None
+    if not (isinstance(name, str) and name and os.sep not in name and name not in (".", "..")):
+        return None, None
+    identity = record.get("identity")
+    valid = isinstance(identity, list) and len(identity) == 2
+    if not (valid and all(isinstance(v, int) for v in identity)):
+        return name, None
+    return name, (identity[0], identity[1])
 
 
-def _settle_old_adapter(old: str, replacement_arrived: bool, output: Path | None) -> None:
-    """Delete a replaced adapter whose replacement is in place; put it back where the kill came
-    between the two renames; otherwise (unknown output, name taken) keep it."""
+def _settle_old_adapter(old: str, output: Path | None, identity: tuple[int, int] | None) -> None:
+    """Delete a replaced adapter only when its replacement is in place (the output is the folder
+    the run wrote); put it back when the output name is free; otherwise keep it."""
     if output is None:
         return
-    if replacement_arrived and os.path.lexists(output):
+    try:
+        info = os.lstat(output)
+    except FileNotFoundError:
+        os.rename(old, output)  # the kill came between the two renames
+        return
+    if identity is not None and (info.st_dev, info.st_ino) == identity:
         shutil.rmtree(old)
-    elif not replacement_arrived and not os.path.lexists(output):
-        os.rename(old, output)
 
 
-def remove_leftovers(parent: Path) -> None:
-    """Tidy what runs that no longer exist left in ``parent`` (see the module's docstring)."""
+def remove_leftovers(parent: Path, keep: Sequence[Path] = ()) -> None:
+    """Tidy what runs that no longer exist left in ``parent`` (see the module's docstring),
+    never touching a folder that is, or holds, one of the ``keep`` folders (the inputs)."""
     try:
         with os.scandir(parent) as scan:
             entries = list(scan)
@@ -202,18 +272,39 @@ def remove_leftovers(parent: Path) -> None:
         if match is not None and not _pid_alive(int(match["pid"])):
             runs.setdefault((match["pid"], match["token"]), {})[match["kind"]] = entry.path
     for parts in runs.values():
-        old, temporary, journal = parts.get("old"), parts.get("tmp"), parts.get("commit")
-        target = _journal_target(journal)
-        try:
-            if old is not None:
-                output = parent / target if target is not None else None
-                _settle_old_adapter(old, temporary is None, output)
-            if temporary is not None:
-                shutil.rmtree(temporary)  # never committed
-            if journal is not None and (old is None or not os.path.lexists(old)):
-                os.unlink(journal)
-        except OSError:
-            continue  # another run is tidying the same leftovers
+        if any(_within(folder, path) for folder in keep for path in parts.values()):
+            continue
+        _tidy_run(parent, parts)
+
+
+def _tidy_run(parent: Path, parts: dict[str, str]) -> None:
+    """Tidy one dead run's leftovers, holding the locks its living owner would hold."""
+    old, temporary, journal = parts.get("old"), parts.get("tmp"), parts.get("commit")
+    held = []
+    try:
+        for path, folder in ((temporary, True), (journal, False)):
+            if path is not None:
+                fd = _lock_path(path, folder)
+                if fd is None:
+                    return  # its run still holds it, or nobody can tell
+                held.append(fd)
+        if not held:
+            return  # an old adapter alone: without its journal, nothing says where it belongs
+        target, identity = _read_journal(journal)
+        output = parent / target if target is not None else None
+        if old is not None:
+            _settle_old_adapter(old, output, identity)
+        if temporary is not None:
+            if old is not None and os.path.lexists(old) and output is not None:
+                _forget_identity(journal, output)  # the kept adapter's journal outlives it
+            shutil.rmtree(temporary)  # never committed
+        if journal is not None and (old is None or not os.path.lexists(old)):
+            os.unlink(journal)
+    except OSError:
+        return  # another run is tidying the same leftovers
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -272,6 +363,55 @@ class CommitGuard:
                 self._stop(self._deferred)
 
 
+def _journal_bytes(output: Path, identity: tuple[int, int] | None) -> bytes:
+    record: dict[str, Any] = {"output": output.name}
+    if identity is not None:
+        record["identity"] = list(identity)
+    return json.dumps(record).encode("utf-8")
+
+
+def _write_journal(path: Path, output: Path, temporary: Path) -> int:
+    """Write the commit journal (the output's name and the identity of the folder that is to
+    take it), flushed, and return its descriptor, locked for as long as the commit runs."""
+    info = os.stat(temporary)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o644)
+    try:
+        _lock(fd)
+        os.write(fd, _journal_bytes(output, (info.st_dev, info.st_ino)))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    return fd
+
+
+def _forget_identity(journal: str | Path, output: Path) -> None:
+    """Drop the identity from a journal whose folder is about to be deleted uncommitted: the
+    inode number may then be reused, and must not pass for the replacement later."""
+    with open(journal, "wb") as handle:
+        handle.write(_journal_bytes(output, None))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _refuse_putting_back(old: Path, output: Path, journal: Path, message: str) -> NoReturn:
+    """Return the moved-aside adapter to its name and refuse with ``message``. Where the name
+    was taken meanwhile, keep the adapter aside, with a journal that lets a later run put it
+    back but never delete it, and say where it is."""
+    try:
+        os.rename(old, output)
+    except OSError:
+        _forget_identity(journal, output)
+        raise CliError(
+            f"{message}; its name was taken meanwhile, so the adapter that was there is kept "
+            f"in {show(str(old))}"
+        ) from None
+    os.unlink(journal)
+    raise CliError(message)
+
+
 def _commit(temporary: Path, output: Path, base: str, overwrite: bool, shown: str) -> None:
     """Rename the finished folder to ``output``; with ``overwrite``, replace an adapter folder."""
     try:
@@ -287,16 +427,32 @@ def _commit(temporary: Path, output: Path, base: str, overwrite: bool, shown: st
             ) from None
     _check_replaceable(output, shown)  # again: it may have changed while merging
     journal, old = output.parent / f"{base}.commit", output.parent / f"{base}.old"
-    write_file(journal, json.dumps({"output": output.name}).encode("utf-8"))
-    os.rename(output, old)
+    journal_fd = _write_journal(journal, output, temporary)
     try:
-        os.rename(temporary, output)
-    except BaseException:
-        os.rename(old, output)
+        try:
+            os.rename(output, old)
+        except OSError:
+            os.unlink(journal)
+            raise
+        # Moved aside, nothing reaches it by its name any more: check again what it holds, so
+        # that a file added since the last check is not deleted with it.
+        try:
+            _check_replaceable(old, shown)
+        except CliError as exc:
+            _refuse_putting_back(old, output, journal, f"{exc} (it changed while merging)")
+        try:
+            os.rename(temporary, output)
+        except OSError as exc:
+            message = f"--output {shown}: cannot move the merged adapter in ({exc.strerror})"
+            _refuse_putting_back(old, output, journal, message)
+        try:
+            _fsync_path(output.parent)  # the new name is on disk before the old adapter goes
+        except OSError:
+            pass
+        shutil.rmtree(old, ignore_errors=True)
         os.unlink(journal)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    os.unlink(journal)
+    finally:
+        os.close(journal_fd)
 
 
 @contextmanager
@@ -306,7 +462,8 @@ def atomic_output(
     """Yield a new temporary folder beside ``output``; move it to ``output`` when the block ends.
 
     An exception in the block (or a signal turned into one) removes the temporary folder and
-    leaves ``output`` as it was. ``guard`` learns when the new adapter is in place.
+    leaves ``output`` as it was. ``guard`` learns when the new adapter is in place. A folder that
+    replaces an existing one takes its permissions.
     """
     shown = show(output_arg)
     base = f".lorax-merge-{os.getpid()}-{secrets.token_hex(4)}"
@@ -318,8 +475,13 @@ def atomic_output(
         raise CliError(
             f"--output {shown}: cannot create a folder beside it ({exc.strerror or exc})"
         ) from None
+    lock_fd = None
     try:
+        # Locked until the run ends: other runs leave the folder alone.
+        lock_fd = _lock_path(str(temporary), folder=True)
         yield temporary
+        if os.path.isdir(output) and not os.path.islink(output):
+            os.chmod(temporary, stat.S_IMODE(os.stat(output).st_mode))
         _fsync_path(temporary)
         with guard.commit_section():
             _commit(temporary, output, base, overwrite, shown)
@@ -333,5 +495,7 @@ def atomic_output(
             f"--output {shown}: cannot write the merged adapter ({exc.strerror or exc})"
         ) from None
     finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
         if os.path.lexists(temporary):
             shutil.rmtree(temporary, ignore_errors=True)
