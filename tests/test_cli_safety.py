@@ -38,7 +38,7 @@ def adapter(template, tmp_path) -> Path:
     return path
 
 
-def _merge(adapter: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+def _merge(adapter: Path, out: Path | str, *extra: str) -> tuple[int, str, str]:
     return run_cli([adapter, "-o", out, "--strategy", "linear", *extra])
 
 
@@ -185,28 +185,28 @@ def test_long_output_names_work(adapter, tmp_path):
 
 
 _KILLER = """
-import os, shutil, signal, sys
+import os, signal, sys
 import lorax_merge.cli as cli
 
 moment = os.environ["KILL_AT"]
-rename, rmtree = os.rename, shutil.rmtree
+rename, delete_replaced = os.rename, cli.output._delete_replaced
 
 def rename_then_die(src, dst):
     rename(src, dst)
     if moment == "old adapter moved aside" and str(dst).endswith(".old"):
         os.kill(os.getpid(), signal.SIGKILL)
 
-def die_before_rmtree(path, *args, **kwargs):
+def die_before_deleting(path):
     if moment == "new adapter in place" and str(path).endswith(".old"):
         os.kill(os.getpid(), signal.SIGKILL)
-    return rmtree(path, *args, **kwargs)
+    return delete_replaced(path)
 
 def die_while_writing(tensors, path):
     write(tensors, path)
     if moment == "tensors written":
         os.kill(os.getpid(), signal.SIGKILL)
 
-os.rename, shutil.rmtree = rename_then_die, die_before_rmtree
+os.rename, cli.output._delete_replaced = rename_then_die, die_before_deleting
 write, cli.output.save_tensors = cli.output.save_tensors, die_while_writing
 sys.exit(cli.main(sys.argv[1:]))
 """
@@ -416,14 +416,16 @@ def test_leftovers_locked_by_a_run_elsewhere_are_left_alone(adapter, tmp_path):
     assert not theirs.exists()
 
 
-def test_a_replaced_folder_keeps_its_permissions(adapter, tmp_path):
-    out = tmp_path / "private"
-    out.mkdir(mode=0o700)
-    os.chmod(out, 0o700)
+@pytest.mark.parametrize("mode", [0o700, 0o555])
+def test_a_replaced_folder_keeps_its_permissions(adapter, tmp_path, mode):
+    out = tmp_path / "outputs" / "kept"
+    out.mkdir(parents=True)
+    os.chmod(out, mode)
     _merge_ok(adapter, out)
-    assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(out).st_mode) == mode
     _merge_ok(adapter, out, "--weights", "2", "--overwrite")
-    assert stat.S_IMODE(os.stat(out).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(out).st_mode) == mode
+    assert os.listdir(out.parent) == ["kept"]  # nothing left behind
 
 
 def test_a_reader_that_went_away_does_not_fail_a_finished_merge(adapter, tmp_path):
@@ -439,6 +441,72 @@ def test_a_reader_that_went_away_does_not_fail_a_finished_merge(adapter, tmp_pat
     stderr = proc.stderr.read()
     assert proc.wait(timeout=300) == 0, stderr
     assert stderr == "" and (out / ST_NAME).is_file()
+
+
+def test_a_reused_inode_number_does_not_pass_for_the_replacement(adapter, tmp_path):
+    # Killed after the old adapter was moved aside; its stray temporary folder deleted by hand;
+    # a new folder takes the output name and (as ext4 readily does) the freed inode number.
+    parent = tmp_path / "outputs"
+    out = parent / "merged"
+    _merge_ok(adapter, out)
+    old = _files(out)
+    _killed_merge(adapter, out, "old adapter moved aside")
+    shutil.rmtree(next(p for p in parent.iterdir() if p.name.endswith(".tmp")))
+    out.mkdir()
+    (out / "notes.txt").write_text("notes")
+    journal = next(p for p in parent.iterdir() if p.name.endswith(".commit"))
+    record = json.loads(journal.read_text())
+    record["identity"] = [os.stat(out).st_dev, os.stat(out).st_ino]  # the reuse
+    journal.write_text(json.dumps(record))
+    _merge_ok(adapter, parent / "other")
+    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
+    assert _files(aside) == old and os.listdir(out) == ["notes.txt"]
+
+
+def test_files_that_reach_the_replaced_folder_after_the_swap_are_kept(
+    adapter, tmp_path, monkeypatch
+):
+    # A process whose current folder is the output keeps writing there after the swap.
+    out = tmp_path / "outputs" / "merged"
+    _merge_ok(adapter, out)
+    mark_committed = out_folder._mark_committed
+
+    def committed_then_a_file_arrives(fd, offset):
+        mark_committed(fd, offset)
+        (aside,) = (p for p in out.parent.iterdir() if p.name.endswith(".old"))
+        (aside / "checkpoint-notes.txt").write_text("late notes")
+
+    monkeypatch.setattr(out_folder, "_mark_committed", committed_then_a_file_arrives)
+    code, _, stderr = _merge(adapter, out, "--weights", "2", "--overwrite")
+    assert code == 0, stderr
+    (aside,) = (p for p in out.parent.iterdir() if p.name.endswith(".old"))
+    assert "warning" in stderr and str(aside) in stderr
+    assert os.listdir(aside) == ["checkpoint-notes.txt"]
+    monkeypatch.setattr(out_folder, "_mark_committed", mark_committed)
+    _merge_ok(adapter, out.parent / "other")  # later runs keep it too
+    assert (aside / "checkpoint-notes.txt").read_text() == "late notes"
+
+
+def test_the_tidy_keeps_files_that_reached_a_replaced_folder(adapter, tmp_path):
+    parent = tmp_path / "outputs"
+    out = parent / "merged"
+    _merge_ok(adapter, out)
+    _killed_merge(adapter, out, "new adapter in place")
+    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
+    (aside / "checkpoint-900").mkdir()
+    (aside / "checkpoint-900" / "model.bin").write_bytes(b"weights")
+    _merge_ok(adapter, parent / "other")
+    assert (aside / "checkpoint-900" / "model.bin").read_bytes() == b"weights"
+    assert json.loads((out / "merge_provenance.json").read_text())["weights"] == [2.0]
+
+
+@pytest.mark.parametrize("name", [".lorax-merge-999999-deadbeef.tmp", "lnk/."])
+def test_outputs_named_as_leftovers_or_links_are_refused(adapter, tmp_path, name):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "lnk").symlink_to(tmp_path / "target")
+    code, stdout, stderr = _merge(adapter, f"{tmp_path}{os.sep}{name}")  # (a Path drops "/.")
+    assert_one_line_error(code, stdout, stderr)
+    assert os.listdir(tmp_path / "target") == []
 
 
 def test_leftovers_of_a_running_process_are_left_alone(adapter, tmp_path):

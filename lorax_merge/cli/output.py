@@ -6,9 +6,10 @@ and renamed into place only when complete. Every hidden name holds the creating 
 folder can tell what a killed run left behind and tidy it. A run holds a lock on its temporary
 folder and on its commit journal while it lives, so another run (on another host, or in another
 PID namespace, where the id says nothing) leaves them alone. A temporary folder is deleted; an
-old adapter that was moved aside is deleted only when the journal shows its replacement in place
-(the output is the very folder the run wrote, by file identity), put back when the output name
-is free, and otherwise kept. The old adapter is never deleted before its replacement is in place.
+old adapter that was moved aside is deleted only when the journal records the swap and the output
+is still the very folder the run wrote (by file identity), put back when the output name is
+free, and otherwise kept. The old adapter is never deleted before its replacement is in place,
+and only its adapter files are: a folder that holds anything else is kept.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import re
 import secrets
 import shutil
 import stat
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,6 +57,11 @@ def output_path(output_arg: str) -> Path:
     joined = os.path.join(os.getcwd(), output_arg)
     parent, name = os.path.split(joined.rstrip(os.sep) or os.sep)
     if name in ("", ".", ".."):
+        named = joined.rstrip(os.sep)
+        while os.path.basename(named) == ".":
+            named = os.path.dirname(named)
+        if os.path.islink(named):  # `link/.` names the link's target, as `link` does
+            raise CliError(f"--output {show(output_arg)} is a symbolic link; give the real folder")
         return Path(os.path.realpath(joined))
     return Path(os.path.realpath(parent)) / name
 
@@ -146,6 +153,8 @@ def check_output(output: Path, output_arg: str, inputs: Sequence[Adapter], overw
     """Refuse an output that is a link, a file, a protected folder, overlaps an input (folders
     and the files read, links resolved), or exists and may not be replaced."""
     shown = show(output_arg)
+    if _LEFTOVER.fullmatch(output.name):
+        raise CliError(f"--output {shown} has the name of a lorax-merge leftover; choose another")
     if os.path.islink(output):
         raise CliError(f"--output {shown} is a symbolic link; give the real folder")
     ancestor = output.parent
@@ -224,29 +233,51 @@ def _lock_path(path: str, folder: bool) -> int | None:
     return None
 
 
-def _read_journal(journal: str | None) -> tuple[str | None, tuple[int, int] | None]:
-    """The output name a commit journal records, and the identity (device, inode) of the
-    folder that was to take that name; None for what it does not hold or cannot be read."""
+def _read_journal(journal: str | None) -> tuple[str | None, tuple[int, int] | None, bool]:
+    """What a commit journal records: the output's name, the identity (device, inode) of the
+    folder that was to take that name, and whether it did (the commit finished its swap); None
+    and False for what it does not hold or cannot be read."""
     if journal is None:
-        return None, None
+        return None, None, False
     try:
         with open(journal, encoding="utf-8") as handle:
             record = json.load(handle)
         name = record["output"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None, None
+        return None, None, False
     if not (isinstance(name, str) and name and os.sep not in name and name not in (".", "..")):
-        return None, None
+        return None, None, False
     identity = record.get("identity")
     valid = isinstance(identity, list) and len(identity) == 2
     if not (valid and all(isinstance(v, int) for v in identity)):
-        return name, None
-    return name, (identity[0], identity[1])
+        return name, None, False
+    return name, (identity[0], identity[1]), record.get("committed") is True
 
 
-def _settle_old_adapter(old: str, output: Path | None, identity: tuple[int, int] | None) -> None:
-    """Delete a replaced adapter only when its replacement is in place (the output is the folder
-    the run wrote); put it back when the output name is free; otherwise keep it."""
+def _delete_replaced(folder: str | Path) -> bool:
+    """Delete a replaced adapter folder: the files an adapter folder holds (what the checks
+    accepted), then the folder. Anything else that reached it meanwhile (through a process
+    that has it as its current folder, say) keeps the folder; False then."""
+    try:
+        os.chmod(folder, stat.S_IMODE(os.lstat(folder).st_mode) | stat.S_IRWXU)
+        with os.scandir(folder) as scan:
+            entries = list(scan)
+        for entry in entries:
+            known = entry.name in _ADAPTER_FILES or _ADAPTER_FILE_PATTERN.fullmatch(entry.name)
+            if known and not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)
+        os.rmdir(folder)
+    except OSError:
+        return False
+    return True
+
+
+def _settle_old_adapter(
+    old: str, output: Path | None, identity: tuple[int, int] | None, committed: bool
+) -> None:
+    """Delete a replaced adapter only when the journal says its replacement took the output
+    name and the output is still that folder; put it back when the output name is free;
+    otherwise keep it."""
     if output is None:
         return
     try:
@@ -254,8 +285,8 @@ def _settle_old_adapter(old: str, output: Path | None, identity: tuple[int, int]
     except FileNotFoundError:
         os.rename(old, output)  # the kill came between the two renames
         return
-    if identity is not None and (info.st_dev, info.st_ino) == identity:
-        shutil.rmtree(old)
+    if committed and identity is not None and (info.st_dev, info.st_ino) == identity:
+        _delete_replaced(old)
 
 
 def remove_leftovers(parent: Path, keep: Sequence[Path] = ()) -> None:
@@ -290,13 +321,11 @@ def _tidy_run(parent: Path, parts: dict[str, str]) -> None:
                 held.append(fd)
         if not held:
             return  # an old adapter alone: without its journal, nothing says where it belongs
-        target, identity = _read_journal(journal)
-        output = parent / target if target is not None else None
+        target, identity, committed = _read_journal(journal)
         if old is not None:
-            _settle_old_adapter(old, output, identity)
+            output = parent / target if target is not None else None
+            _settle_old_adapter(old, output, identity, committed)
         if temporary is not None:
-            if old is not None and os.path.lexists(old) and output is not None:
-                _forget_identity(journal, output)  # the kept adapter's journal outlives it
             shutil.rmtree(temporary)  # never committed
         if journal is not None and (old is None or not os.path.lexists(old)):
             os.unlink(journal)
@@ -363,47 +392,42 @@ class CommitGuard:
                 self._stop(self._deferred)
 
 
-def _journal_bytes(output: Path, identity: tuple[int, int] | None) -> bytes:
-    record: dict[str, Any] = {"output": output.name}
-    if identity is not None:
-        record["identity"] = list(identity)
-    return json.dumps(record).encode("utf-8")
+def _write_journal(path: Path, output: Path, temporary: Path) -> tuple[int, int]:
+    """Write the commit journal, flushed, and return its descriptor (locked for as long as the
+    commit runs) and the offset of its ``false``, which _mark_committed turns into ``true``.
 
-
-def _write_journal(path: Path, output: Path, temporary: Path) -> int:
-    """Write the commit journal (the output's name and the identity of the folder that is to
-    take it), flushed, and return its descriptor, locked for as long as the commit runs."""
+    It records the output's name, the identity of the folder that is to take it, and whether it
+    did: an identity alone proves nothing once its folder is gone (inode numbers are reused).
+    """
     info = os.stat(temporary)
+    record = json.dumps({"output": output.name, "identity": [info.st_dev, info.st_ino]})
+    head = (record[:-1] + ', "committed": ').encode("utf-8")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags, 0o644)
     try:
         _lock(fd)
-        os.write(fd, _journal_bytes(output, (info.st_dev, info.st_ino)))
+        os.write(fd, head + b"false}")
         os.fsync(fd)
     except BaseException:
         os.close(fd)
         os.unlink(path)
         raise
-    return fd
+    return fd, len(head)
 
 
-def _forget_identity(journal: str | Path, output: Path) -> None:
-    """Drop the identity from a journal whose folder is about to be deleted uncommitted: the
-    inode number may then be reused, and must not pass for the replacement later."""
-    with open(journal, "wb") as handle:
-        handle.write(_journal_bytes(output, None))
-        handle.flush()
-        os.fsync(handle.fileno())
+def _mark_committed(fd: int, offset: int) -> None:
+    """``"committed": true`` in the journal: one small write inside one block, flushed."""
+    os.pwrite(fd, b"true ", offset)
+    os.fsync(fd)
 
 
 def _refuse_putting_back(old: Path, output: Path, journal: Path, message: str) -> NoReturn:
     """Return the moved-aside adapter to its name and refuse with ``message``. Where the name
-    was taken meanwhile, keep the adapter aside, with a journal that lets a later run put it
-    back but never delete it, and say where it is."""
+    was taken meanwhile, keep the adapter aside with its journal (which lets a later run put it
+    back, never delete it: the commit did not happen) and say where it is."""
     try:
         os.rename(old, output)
     except OSError:
-        _forget_identity(journal, output)
         raise CliError(
             f"{message}; its name was taken meanwhile, so the adapter that was there is kept "
             f"in {show(str(old))}"
@@ -427,17 +451,15 @@ def _commit(temporary: Path, output: Path, base: str, overwrite: bool, shown: st
             ) from None
     _check_replaceable(output, shown)  # again: it may have changed while merging
     journal, old = output.parent / f"{base}.commit", output.parent / f"{base}.old"
-    journal_fd = _write_journal(journal, output, temporary)
+    journal_fd, committed_at = _write_journal(journal, output, temporary)
     try:
         try:
             os.rename(output, old)
         except OSError:
             os.unlink(journal)
             raise
-        # Moved aside, nothing reaches it by its name any more: check again what it holds, so
-        # that a file added since the last check is not deleted with it.
         try:
-            _check_replaceable(old, shown)
+            _check_replaceable(old, shown)  # a file added since the last check is not lost
         except CliError as exc:
             _refuse_putting_back(old, output, journal, f"{exc} (it changed while merging)")
         try:
@@ -445,14 +467,42 @@ def _commit(temporary: Path, output: Path, base: str, overwrite: bool, shown: st
         except OSError as exc:
             message = f"--output {shown}: cannot move the merged adapter in ({exc.strerror})"
             _refuse_putting_back(old, output, journal, message)
-        try:
+        try:  # the new adapter is in place: what follows tidies, and cannot fail the run
+            _mark_committed(journal_fd, committed_at)
             _fsync_path(output.parent)  # the new name is on disk before the old adapter goes
+            if _delete_replaced(old):
+                os.unlink(journal)
+            else:
+                sys.stderr.write(
+                    f"lorax-merge: warning: the replaced adapter folder received other files "
+                    f"while merging; they are kept in {show(str(old))}\n"
+                )
         except OSError:
-            pass
-        shutil.rmtree(old, ignore_errors=True)
-        os.unlink(journal)
+            pass  # a later run finishes the tidying from the journal
     finally:
         os.close(journal_fd)
+
+
+def _lock_own_folder(temporary: Path, shown: str) -> int:
+    """Open and lock the run's temporary folder, for as long as the run lives: other runs then
+    leave it alone, wherever they run. A lock held by another process means another run took
+    it for a leftover; a filesystem that cannot lock folders leaves it unlocked."""
+    try:
+        fd = os.open(temporary, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise CliError(
+            f"--output {shown}: the folder being written beside it vanished ({exc.strerror})"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CliError(
+            f"--output {shown}: another process took the folder being written beside it"
+        ) from None
+    except OSError:
+        pass  # no locks on this filesystem
+    return fd
 
 
 @contextmanager
@@ -477,15 +527,23 @@ def atomic_output(
         ) from None
     lock_fd = None
     try:
-        # Locked until the run ends: other runs leave the folder alone.
-        lock_fd = _lock_path(str(temporary), folder=True)
+        lock_fd = _lock_own_folder(temporary, shown)
         yield temporary
+        mode = None
         if os.path.isdir(output) and not os.path.islink(output):
-            os.chmod(temporary, stat.S_IMODE(os.stat(output).st_mode))
+            # The replaced folder's permissions; the owner keeps full access until the commit,
+            # so that the folder can still be written, synced and deleted.
+            mode = stat.S_IMODE(os.stat(output).st_mode)
+            os.chmod(temporary, mode | stat.S_IRWXU)
         _fsync_path(temporary)
         with guard.commit_section():
             _commit(temporary, output, base, overwrite, shown)
             guard.committed = True
+        if mode is not None:
+            try:
+                os.fchmod(lock_fd, mode)  # the descriptor follows the folder to its new name
+            except OSError:
+                pass
         try:
             _fsync_path(output.parent)
         except OSError:
