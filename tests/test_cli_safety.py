@@ -23,7 +23,9 @@ from lorax_merge.cli import output as out_folder
 
 ST_NAME = "adapter_model.safetensors"
 CFG_NAME = "adapter_config.json"
-LEFTOVER = re.compile(r"\.lorax-merge-(?P<pid>[0-9]+)-[0-9a-f]{8}\.(?P<kind>tmp|old|commit)")
+LEFTOVER = re.compile(
+    r"\.lorax-merge-(?P<pid>[0-9]+)-[0-9a-f]{8}\.(?P<kind>lock|tmp|old|commit|trash)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -196,10 +198,10 @@ def rename_then_die(src, dst):
     if moment == "old adapter moved aside" and str(dst).endswith(".old"):
         os.kill(os.getpid(), signal.SIGKILL)
 
-def die_before_deleting(path):
+def die_before_deleting(path, *args):
     if moment == "new adapter in place" and str(path).endswith(".old"):
         os.kill(os.getpid(), signal.SIGKILL)
-    return delete_replaced(path)
+    return delete_replaced(path, *args)
 
 def die_while_writing(tensors, path):
     write(tensors, path)
@@ -238,9 +240,9 @@ def _leftovers(parent: Path) -> dict[str, int]:
 @pytest.mark.parametrize(
     ("moment", "left", "kept"),
     [
-        ("tensors written", {"tmp"}, "old"),
-        ("old adapter moved aside", {"tmp", "old", "commit"}, "old"),
-        ("new adapter in place", {"old", "commit"}, "new"),
+        ("tensors written", {"lock", "tmp"}, "old"),
+        ("old adapter moved aside", {"lock", "tmp", "old", "commit"}, "old"),
+        ("new adapter in place", {"lock", "old", "commit"}, "new"),
     ],
 )
 def test_a_kill_during_the_commit_never_loses_both_adapters(adapter, tmp_path, moment, left, kept):
@@ -395,7 +397,8 @@ def test_an_input_reached_through_a_bind_mount_is_refused_as_output(adapter, tmp
     assert tree_digest(adapter) == before
 
 
-def test_leftovers_locked_by_a_run_elsewhere_are_left_alone(adapter, tmp_path):
+@pytest.mark.parametrize("locked", ["lock file", "folder (earlier versions)"])
+def test_leftovers_locked_by_a_run_elsewhere_are_left_alone(adapter, tmp_path, locked):
     # A run in another PID namespace, or on another host sharing the folder, has an id that
     # means nothing here (here: one of a process that has ended); its lock is what counts.
     parent = tmp_path / "outputs"
@@ -405,7 +408,12 @@ def test_leftovers_locked_by_a_run_elsewhere_are_left_alone(adapter, tmp_path):
     theirs = parent / f".lorax-merge-{ended.pid}-0123abcd.tmp"
     theirs.mkdir()
     (theirs / ST_NAME).write_bytes(b"being written")
-    holder = os.open(theirs, os.O_RDONLY)
+    if locked == "lock file":
+        lock = parent / f".lorax-merge-{ended.pid}-0123abcd.lock"
+        lock.write_bytes(b"")
+        holder = os.open(lock, os.O_RDWR)
+    else:
+        holder = os.open(theirs, os.O_RDONLY)
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
         _merge_ok(adapter, parent / "merged")
@@ -471,20 +479,26 @@ def test_files_that_reach_the_replaced_folder_after_the_swap_are_kept(
     _merge_ok(adapter, out)
     mark_committed = out_folder._mark_committed
 
-    def committed_then_a_file_arrives(fd, offset):
+    def committed_then_files_arrive(fd, offset):
         mark_committed(fd, offset)
         (aside,) = (p for p in out.parent.iterdir() if p.name.endswith(".old"))
         (aside / "checkpoint-notes.txt").write_text("late notes")
+        # a file with an adapter file's name, written after the swap (later than the commit)
+        (aside / "README.md").write_text("late readme")
+        later = time.time_ns() + 10**9
+        os.utime(aside / "README.md", ns=(later, later))
 
-    monkeypatch.setattr(out_folder, "_mark_committed", committed_then_a_file_arrives)
+    monkeypatch.setattr(out_folder, "_mark_committed", committed_then_files_arrive)
     code, _, stderr = _merge(adapter, out, "--weights", "2", "--overwrite")
     assert code == 0, stderr
     (aside,) = (p for p in out.parent.iterdir() if p.name.endswith(".old"))
     assert "warning" in stderr and str(aside) in stderr
-    assert os.listdir(aside) == ["checkpoint-notes.txt"]
+    assert sorted(os.listdir(aside)) == ["README.md", "checkpoint-notes.txt"]
     monkeypatch.setattr(out_folder, "_mark_committed", mark_committed)
-    _merge_ok(adapter, out.parent / "other")  # later runs keep it too
+    (aside / "adapter_model.safetensors").write_bytes(b"a training job's own")
+    _merge_ok(adapter, out.parent / "other")  # later runs never touch a kept folder
     assert (aside / "checkpoint-notes.txt").read_text() == "late notes"
+    assert (aside / "adapter_model.safetensors").read_bytes() == b"a training job's own"
 
 
 def test_the_tidy_keeps_files_that_reached_a_replaced_folder(adapter, tmp_path):
@@ -498,6 +512,58 @@ def test_the_tidy_keeps_files_that_reached_a_replaced_folder(adapter, tmp_path):
     _merge_ok(adapter, parent / "other")
     assert (aside / "checkpoint-900" / "model.bin").read_bytes() == b"weights"
     assert json.loads((out / "merge_provenance.json").read_text())["weights"] == [2.0]
+
+
+def test_a_link_swapped_in_just_before_the_swap_is_put_back_and_refused(
+    adapter, tmp_path, monkeypatch
+):
+    out = tmp_path / "outputs" / "merged"
+    _merge_ok(adapter, out)
+    victim = tmp_path / "victim"
+    _merge_ok(adapter, victim)
+    before = _files(victim)
+    write_journal = out_folder._write_journal
+
+    def journal_then_a_link_replaces_the_output(path, output, temporary):
+        result = write_journal(path, output, temporary)
+        os.rename(out, out.parent / "moved-by-someone")
+        out.symlink_to(victim)
+        return result
+
+    monkeypatch.setattr(out_folder, "_write_journal", journal_then_a_link_replaces_the_output)
+    code, stdout, stderr = _merge(adapter, out, "--weights", "2", "--overwrite")
+    assert_one_line_error(code, stdout, stderr)
+    assert "became a link" in stderr
+    assert out.is_symlink() and _files(victim) == before
+    monkeypatch.setattr(out_folder, "_write_journal", write_journal)
+    _merge_ok(adapter, out.parent / "other")
+    assert _files(victim) == before
+
+
+def test_files_an_input_links_into_a_leftover_are_not_tidied(adapter, tmp_path):
+    parent = tmp_path / "outputs"
+    out = parent / "merged"
+    _merge_ok(adapter, out)
+    _killed_merge(adapter, out, "new adapter in place")
+    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for name in (CFG_NAME, ST_NAME):
+        (linked / name).symlink_to(aside / name)
+    before = _files(aside)
+    _merge_ok(linked, parent / "recovered")
+    assert _files(aside) == before
+
+
+def test_a_committed_replacement_moved_away_does_not_bring_the_old_adapter_back(adapter, tmp_path):
+    parent = tmp_path / "outputs"
+    out = parent / "merged"
+    _merge_ok(adapter, out)
+    _killed_merge(adapter, out, "new adapter in place")
+    os.rename(out, parent / "merged-v2")  # the user keeps the new adapter under another name
+    _merge_ok(adapter, parent / "other")
+    assert not out.exists()
+    assert set(_leftovers(parent)) == {"old", "commit"}  # the old one is kept, aside
 
 
 @pytest.mark.parametrize("name", [".lorax-merge-999999-deadbeef.tmp", "lnk/."])

@@ -2,14 +2,15 @@
 
 The merged adapter is written into a hidden temporary folder beside the output, flushed to disk
 and renamed into place only when complete. Every hidden name holds the creating process's id,
-``.lorax-merge-PID-TOKEN.{tmp,old,commit}``, so that any later run writing into the same parent
-folder can tell what a killed run left behind and tidy it. A run holds a lock on its temporary
-folder and on its commit journal while it lives, so another run (on another host, or in another
-PID namespace, where the id says nothing) leaves them alone. A temporary folder is deleted; an
-old adapter that was moved aside is deleted only when the journal records the swap and the output
-is still the very folder the run wrote (by file identity), put back when the output name is
-free, and otherwise kept. The old adapter is never deleted before its replacement is in place,
-and only its adapter files are: a folder that holds anything else is kept.
+``.lorax-merge-PID-TOKEN.{lock,tmp,old,commit,trash}``, so that any later run writing into the
+same parent folder can tell what a killed run left behind and tidy it. A run holds a lock on its
+lock file while it lives, so another run (on another host sharing the folder, or in another PID
+namespace, where the id says nothing) leaves its leftovers alone. A temporary folder is deleted;
+an old adapter that was moved aside is deleted only when the journal records the swap and the
+output is still the very folder the run wrote (by file identity), put back when the swap never
+happened and the output name is free, and otherwise kept. The old adapter is never deleted
+before its replacement is in place, and only its adapter files are: a folder that holds
+anything else is kept for good.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .common import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, CliError, show
 from .inputs import Adapter
 
 _LEFTOVER = re.compile(
-    r"\.lorax-merge-(?P<pid>[0-9]+)-(?P<token>[0-9a-f]{8})\.(?P<kind>tmp|old|commit)"
+    r"\.lorax-merge-(?P<pid>[0-9]+)-(?P<token>[0-9a-f]{8})\.(?P<kind>lock|tmp|old|commit|trash)"
 )
 #: Files an adapter folder usually carries besides its weights: --overwrite may delete them.
 _ADAPTER_FILES = frozenset({
@@ -162,7 +163,12 @@ def check_output(output: Path, output_arg: str, inputs: Sequence[Adapter], overw
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise CliError(f"--output {shown}: {show(ancestor)} is not a folder")
-    remove_leftovers(output.parent, keep=[adapter.path for adapter in inputs])
+    keep = [
+        adapter.path / name
+        for adapter in inputs
+        for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME)
+    ]
+    remove_leftovers(output.parent, keep=[adapter.path for adapter in inputs] + keep)
     reason = _protected(output)
     if reason is not None:
         raise CliError(f"--output {shown} {reason}; give a new folder or an adapter folder")
@@ -220,7 +226,7 @@ def _lock(fd: int) -> bool:
     return True
 
 
-def _lock_path(path: str, folder: bool) -> int | None:
+def _lock_path(path: str, folder: bool = False) -> int | None:
     """An open descriptor of ``path``, locked, or None when its owner may still run."""
     flags = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if folder else os.O_RDWR
     try:
@@ -254,44 +260,64 @@ def _read_journal(journal: str | None) -> tuple[str | None, tuple[int, int] | No
     return name, (identity[0], identity[1]), record.get("committed") is True
 
 
-def _delete_replaced(folder: str | Path) -> bool:
-    """Delete a replaced adapter folder: the files an adapter folder holds (what the checks
-    accepted), then the folder. Anything else that reached it meanwhile (through a process
-    that has it as its current folder, say) keeps the folder; False then."""
+def _delete_replaced(folder: str | Path, written_by_ns: int) -> str | None:
+    """Delete a replaced adapter folder: the adapter files it held (by name, and only those
+    last written by ``written_by_ns``, the commit's time), then the folder. Anything else,
+    written into it later by a process that had it as its current folder say, keeps it.
+    Returns None when the folder is gone, else why it is kept. A link is never followed."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
-        os.chmod(folder, stat.S_IMODE(os.lstat(folder).st_mode) | stat.S_IRWXU)
-        with os.scandir(folder) as scan:
+        fd = os.open(folder, flags | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        return f"it cannot be opened as a folder ({exc.strerror})"
+    try:
+        os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | stat.S_IRWXU)
+        kept = []
+        with os.scandir(fd) as scan:
             entries = list(scan)
         for entry in entries:
+            info = entry.stat(follow_symlinks=False)
             known = entry.name in _ADAPTER_FILES or _ADAPTER_FILE_PATTERN.fullmatch(entry.name)
-            if known and not entry.is_dir(follow_symlinks=False):
-                os.unlink(entry.path)
+            if known and not stat.S_ISDIR(info.st_mode) and info.st_mtime_ns <= written_by_ns:
+                os.unlink(entry.name, dir_fd=fd)
+            else:
+                kept.append(show(entry.name))
+        if kept:
+            return f"it received {_listed(kept)} after the swap"
+    except OSError as exc:
+        return f"it cannot be emptied ({exc.strerror})"
+    finally:
+        os.close(fd)
+    try:
         os.rmdir(folder)
-    except OSError:
-        return False
-    return True
+    except OSError as exc:
+        return f"it cannot be removed ({exc.strerror})"
+    return None
 
 
 def _settle_old_adapter(
-    old: str, output: Path | None, identity: tuple[int, int] | None, committed: bool
+    old: str, journal: str, output: Path | None, identity: tuple[int, int] | None, committed: bool
 ) -> None:
-    """Delete a replaced adapter only when the journal says its replacement took the output
-    name and the output is still that folder; put it back when the output name is free;
-    otherwise keep it."""
+    """A replaced adapter of a dead run. Before the swap (the journal does not record it) it is
+    put back when the output name is free; after it, it is deleted when the output is still
+    the folder the run wrote. Otherwise it is kept. Once its deletion stops short (something
+    else reached it), it is kept for good: its journal goes, and with it any later attempt."""
     if output is None:
         return
     try:
         info = os.lstat(output)
     except FileNotFoundError:
-        os.rename(old, output)  # the kill came between the two renames
+        if not committed:
+            os.rename(old, output)  # the kill came between the two renames
         return
     if committed and identity is not None and (info.st_dev, info.st_ino) == identity:
-        _delete_replaced(old)
+        if _delete_replaced(old, os.stat(journal).st_mtime_ns) is not None:
+            os.unlink(journal)
 
 
 def remove_leftovers(parent: Path, keep: Sequence[Path] = ()) -> None:
     """Tidy what runs that no longer exist left in ``parent`` (see the module's docstring),
-    never touching a folder that is, or holds, one of the ``keep`` folders (the inputs)."""
+    never touching one that is, or holds, a ``keep`` path (the inputs and their files)."""
     try:
         with os.scandir(parent) as scan:
             entries = list(scan)
@@ -303,17 +329,20 @@ def remove_leftovers(parent: Path, keep: Sequence[Path] = ()) -> None:
         if match is not None and not _pid_alive(int(match["pid"])):
             runs.setdefault((match["pid"], match["token"]), {})[match["kind"]] = entry.path
     for parts in runs.values():
-        if any(_within(folder, path) for folder in keep for path in parts.values()):
+        if any(_within(path, part) for path in keep for part in parts.values()):
             continue
         _tidy_run(parent, parts)
 
 
 def _tidy_run(parent: Path, parts: dict[str, str]) -> None:
-    """Tidy one dead run's leftovers, holding the locks its living owner would hold."""
-    old, temporary, journal = parts.get("old"), parts.get("tmp"), parts.get("commit")
+    """Tidy one dead run's leftovers, holding the locks its living owner would hold: its lock
+    file (or, without one, its temporary folder's and journal's own locks)."""
+    lock, old, journal = parts.get("lock"), parts.get("old"), parts.get("commit")
+    temporary, trash = parts.get("tmp"), parts.get("trash")
     held = []
     try:
-        for path, folder in ((temporary, True), (journal, False)):
+        lockable = [(lock, False)] if lock is not None else [(temporary, True), (journal, False)]
+        for path, folder in lockable:
             if path is not None:
                 fd = _lock_path(path, folder)
                 if fd is None:
@@ -321,14 +350,21 @@ def _tidy_run(parent: Path, parts: dict[str, str]) -> None:
                 held.append(fd)
         if not held:
             return  # an old adapter alone: without its journal, nothing says where it belongs
-        target, identity, committed = _read_journal(journal)
-        if old is not None:
+        if old is not None and journal is not None:
+            target, identity, committed = _read_journal(journal)
             output = parent / target if target is not None else None
-            _settle_old_adapter(old, output, identity, committed)
+            _settle_old_adapter(old, journal, output, identity, committed)
         if temporary is not None:
-            shutil.rmtree(temporary)  # never committed
-        if journal is not None and (old is None or not os.path.lexists(old)):
+            # Renamed first: a run that still writes it (one whose lock this filesystem could
+            # not show) then fails at its commit instead of committing a half-deleted folder.
+            trash = temporary[: -len("tmp")] + "trash"
+            os.rename(temporary, trash)
+        if trash is not None:
+            shutil.rmtree(trash)  # never committed
+        if journal is not None and not (old is not None and os.path.lexists(old)):
             os.unlink(journal)
+        if lock is not None:
+            os.unlink(lock)
     except OSError:
         return  # another run is tidying the same leftovers
     finally:
@@ -386,10 +422,12 @@ class CommitGuard:
         self.committing = True
         try:
             yield
-        finally:
+        except BaseException:
             self.committing = False
-            if not self.committed and self._deferred is not None:
-                self._stop(self._deferred)
+            raise  # the run ends anyway, and its error says more than the signal would
+        self.committing = False
+        if not self.committed and self._deferred is not None:
+            self._stop(self._deferred)
 
 
 def _write_journal(path: Path, output: Path, temporary: Path) -> tuple[int, int]:
@@ -454,10 +492,13 @@ def _commit(temporary: Path, output: Path, base: str, overwrite: bool, shown: st
     journal_fd, committed_at = _write_journal(journal, output, temporary)
     try:
         try:
+            _fsync_path(output.parent)  # the journal is on disk before the old adapter moves
             os.rename(output, old)
         except OSError:
             os.unlink(journal)
             raise
+        if not stat.S_ISDIR(os.lstat(old).st_mode):
+            _refuse_putting_back(old, output, journal, f"--output {shown} became a link")
         try:
             _check_replaceable(old, shown)  # a file added since the last check is not lost
         except CliError as exc:
@@ -470,12 +511,12 @@ def _commit(temporary: Path, output: Path, base: str, overwrite: bool, shown: st
         try:  # the new adapter is in place: what follows tidies, and cannot fail the run
             _mark_committed(journal_fd, committed_at)
             _fsync_path(output.parent)  # the new name is on disk before the old adapter goes
-            if _delete_replaced(old):
-                os.unlink(journal)
-            else:
+            kept = _delete_replaced(old, os.fstat(journal_fd).st_mtime_ns)
+            os.unlink(journal)  # kept or not, nothing more is done to it
+            if kept is not None:
                 sys.stderr.write(
-                    f"lorax-merge: warning: the replaced adapter folder received other files "
-                    f"while merging; they are kept in {show(str(old))}\n"
+                    f"lorax-merge: warning: the replaced adapter folder is kept in "
+                    f"{show(str(old))}: {kept}\n"
                 )
         except OSError:
             pass  # a later run finishes the tidying from the journal
@@ -483,25 +524,24 @@ def _commit(temporary: Path, output: Path, base: str, overwrite: bool, shown: st
         os.close(journal_fd)
 
 
-def _lock_own_folder(temporary: Path, shown: str) -> int:
-    """Open and lock the run's temporary folder, for as long as the run lives: other runs then
-    leave it alone, wherever they run. A lock held by another process means another run took
-    it for a leftover; a filesystem that cannot lock folders leaves it unlocked."""
+def _take_run_lock(path: Path, shown: str) -> int:
+    """Create and lock the run's lock file, held for as long as the run lives: other runs, on
+    this host or another sharing the folder, then leave the run's hidden folders alone. (A
+    filesystem that cannot lock leaves it unlocked; other runs then cannot tell, and wait.)"""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(temporary, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fd = os.open(path, flags, 0o644)
     except OSError as exc:
         raise CliError(
-            f"--output {shown}: the folder being written beside it vanished ({exc.strerror})"
+            f"--output {shown}: cannot create a file beside it ({exc.strerror or exc})"
         ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise CliError(
-            f"--output {shown}: another process took the folder being written beside it"
-        ) from None
+        raise CliError(f"--output {shown}: another process took this run's lock") from None
     except OSError:
-        pass  # no locks on this filesystem
+        pass
     return fd
 
 
@@ -517,17 +557,24 @@ def atomic_output(
     """
     shown = show(output_arg)
     base = f".lorax-merge-{os.getpid()}-{secrets.token_hex(4)}"
-    temporary = output.parent / f"{base}.tmp"
+    lock, temporary = output.parent / f"{base}.lock", output.parent / f"{base}.tmp"
     try:
         os.makedirs(output.parent, exist_ok=True)
-        os.mkdir(temporary)
     except OSError as exc:
         raise CliError(
-            f"--output {shown}: cannot create a folder beside it ({exc.strerror or exc})"
+            f"--output {shown}: cannot create the folder above it ({exc.strerror or exc})"
         ) from None
-    lock_fd = None
+    lock_fd = _take_run_lock(lock, shown)
+    folder_fd = None
     try:
-        lock_fd = _lock_own_folder(temporary, shown)
+        try:
+            os.mkdir(temporary)
+            folder_fd = os.open(temporary, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError as exc:
+            raise CliError(
+                f"--output {shown}: cannot create a folder beside it ({exc.strerror or exc})"
+            ) from None
+        _lock(folder_fd)  # for runs of earlier versions, which know no lock files
         yield temporary
         mode = None
         if os.path.isdir(output) and not os.path.islink(output):
@@ -541,7 +588,7 @@ def atomic_output(
             guard.committed = True
         if mode is not None:
             try:
-                os.fchmod(lock_fd, mode)  # the descriptor follows the folder to its new name
+                os.fchmod(folder_fd, mode)  # the descriptor follows the folder to its new name
             except OSError:
                 pass
         try:
@@ -553,7 +600,12 @@ def atomic_output(
             f"--output {shown}: cannot write the merged adapter ({exc.strerror or exc})"
         ) from None
     finally:
-        if lock_fd is not None:
-            os.close(lock_fd)
+        if folder_fd is not None:
+            os.close(folder_fd)
         if os.path.lexists(temporary):
             shutil.rmtree(temporary, ignore_errors=True)
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(lock_fd)
