@@ -479,14 +479,16 @@ def test_files_that_reach_the_replaced_folder_after_the_swap_are_kept(
     _merge_ok(adapter, out)
     mark_committed = out_folder._mark_committed
 
-    def committed_then_files_arrive(fd, offset):
-        mark_committed(fd, offset)
+    def committed_then_files_arrive(fd, offset, changed_before_ns):
+        mark_committed(fd, offset, changed_before_ns)
         (aside,) = (p for p in out.parent.iterdir() if p.name.endswith(".old"))
         (aside / "checkpoint-notes.txt").write_text("late notes")
-        # a file with an adapter file's name, written after the swap (later than the commit)
-        (aside / "README.md").write_text("late readme")
-        later = time.time_ns() + 10**9
-        os.utime(aside / "README.md", ns=(later, later))
+        # a file with an adapter file's name moved in after the swap, an hour-old mtime kept
+        readme = tmp_path / "README.md"
+        readme.write_text("late readme")
+        earlier = time.time_ns() - 3600 * 10**9
+        os.utime(readme, ns=(earlier, earlier))
+        os.rename(readme, aside / "README.md")
 
     monkeypatch.setattr(out_folder, "_mark_committed", committed_then_files_arrive)
     code, _, stderr = _merge(adapter, out, "--weights", "2", "--overwrite")
@@ -564,6 +566,23 @@ def test_a_committed_replacement_moved_away_does_not_bring_the_old_adapter_back(
     _merge_ok(adapter, parent / "other")
     assert not out.exists()
     assert set(_leftovers(parent)) == {"old", "commit"}  # the old one is kept, aside
+
+
+def test_the_tidy_keeps_a_file_moved_into_a_replaced_folder_with_its_old_times(adapter, tmp_path):
+    # A shell whose current folder was the output follows it aside; `mv` keeps the file's
+    # modification time (here an hour old), but not its status-change time.
+    parent = tmp_path / "outputs"
+    out = parent / "merged"
+    _merge_ok(adapter, out)
+    _killed_merge(adapter, out, "new adapter in place")
+    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
+    readme = tmp_path / "README.md"
+    readme.write_text("my only copy")
+    earlier = time.time_ns() - 3600 * 10**9
+    os.utime(readme, ns=(earlier, earlier))
+    os.rename(readme, aside / "README.md")
+    _merge_ok(adapter, parent / "other")
+    assert (aside / "README.md").read_text() == "my only copy"
 
 
 @pytest.mark.parametrize("name", [".lorax-merge-999999-deadbeef.tmp", "lnk/."])

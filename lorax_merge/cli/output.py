@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from .common import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, CliError, show
 from .inputs import Adapter
@@ -239,31 +239,44 @@ def _lock_path(path: str, folder: bool = False) -> int | None:
     return None
 
 
-def _read_journal(journal: str | None) -> tuple[str | None, tuple[int, int] | None, bool]:
+class _Journal(NamedTuple):
     """What a commit journal records: the output's name, the identity (device, inode) of the
-    folder that was to take that name, and whether it did (the commit finished its swap); None
-    and False for what it does not hold or cannot be read."""
+    folder that was to take that name, whether it did (the swap happened), and the status-change
+    time before which the replaced adapter's files were last changed; None and False for what
+    it does not hold or cannot be read."""
+
+    output: str | None = None
+    identity: tuple[int, int] | None = None
+    committed: bool = False
+    changed_before_ns: int | None = None
+
+
+def _read_journal(journal: str | None) -> _Journal:
     if journal is None:
-        return None, None, False
+        return _Journal()
     try:
         with open(journal, encoding="utf-8") as handle:
             record = json.load(handle)
         name = record["output"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None, None, False
+        return _Journal()
     if not (isinstance(name, str) and name and os.sep not in name and name not in (".", "..")):
-        return None, None, False
+        return _Journal()
     identity = record.get("identity")
     valid = isinstance(identity, list) and len(identity) == 2
     if not (valid and all(isinstance(v, int) for v in identity)):
-        return name, None, False
-    return name, (identity[0], identity[1]), record.get("committed") is True
+        return _Journal(name)
+    cutoff = record.get("changed_before_ns")
+    committed = record.get("committed") is True and isinstance(cutoff, str) and cutoff.isdigit()
+    return _Journal(name, (identity[0], identity[1]), committed, int(cutoff) if committed else None)
 
 
-def _delete_replaced(folder: str | Path, written_by_ns: int) -> str | None:
-    """Delete a replaced adapter folder: the adapter files it held (by name, and only those
-    last written by ``written_by_ns``, the commit's time), then the folder. Anything else,
-    written into it later by a process that had it as its current folder say, keeps it.
+def _delete_replaced(folder: str | Path, changed_before_ns: int) -> str | None:
+    """Delete a replaced adapter folder: the adapter files it held (by name, and only those whose
+    status last changed before ``changed_before_ns``, a time taken before the folder was moved
+    aside), then the folder. Anything else keeps it: a file that reached it later, written or
+    moved there by a process that had it as its current folder say (a move, a copy that keeps
+    its times, and a write all set the status-change time, which no one can set back).
     Returns None when the folder is gone, else why it is kept. A link is never followed."""
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
@@ -278,7 +291,8 @@ def _delete_replaced(folder: str | Path, written_by_ns: int) -> str | None:
         for entry in entries:
             info = entry.stat(follow_symlinks=False)
             known = entry.name in _ADAPTER_FILES or _ADAPTER_FILE_PATTERN.fullmatch(entry.name)
-            if known and not stat.S_ISDIR(info.st_mode) and info.st_mtime_ns <= written_by_ns:
+            before = info.st_ctime_ns < changed_before_ns  # (in the same clock tick: kept)
+            if known and not stat.S_ISDIR(info.st_mode) and before:
                 os.unlink(entry.name, dir_fd=fd)
             else:
                 kept.append(show(entry.name))
@@ -295,23 +309,23 @@ def _delete_replaced(folder: str | Path, written_by_ns: int) -> str | None:
     return None
 
 
-def _settle_old_adapter(
-    old: str, journal: str, output: Path | None, identity: tuple[int, int] | None, committed: bool
-) -> None:
+def _settle_old_adapter(old: str, journal: str, record: _Journal, parent: Path) -> None:
     """A replaced adapter of a dead run. Before the swap (the journal does not record it) it is
     put back when the output name is free; after it, it is deleted when the output is still
     the folder the run wrote. Otherwise it is kept. Once its deletion stops short (something
     else reached it), it is kept for good: its journal goes, and with it any later attempt."""
-    if output is None:
+    if record.output is None:
         return
+    output = parent / record.output
     try:
         info = os.lstat(output)
     except FileNotFoundError:
-        if not committed:
+        if not record.committed:
             os.rename(old, output)  # the kill came between the two renames
         return
-    if committed and identity is not None and (info.st_dev, info.st_ino) == identity:
-        if _delete_replaced(old, os.stat(journal).st_mtime_ns) is not None:
+    cutoff = record.changed_before_ns  # recorded with the swap
+    if cutoff is not None and (info.st_dev, info.st_ino) == record.identity:
+        if _delete_replaced(old, cutoff) is not None:
             os.unlink(journal)
 
 
@@ -351,9 +365,7 @@ def _tidy_run(parent: Path, parts: dict[str, str]) -> None:
         if not held:
             return  # an old adapter alone: without its journal, nothing says where it belongs
         if old is not None and journal is not None:
-            target, identity, committed = _read_journal(journal)
-            output = parent / target if target is not None else None
-            _settle_old_adapter(old, journal, output, identity, committed)
+            _settle_old_adapter(old, journal, _read_journal(journal), parent)
         if temporary is not None:
             # Renamed first: a run that still writes it (one whose lock this filesystem could
             # not show) then fails at its commit instead of committing a half-deleted folder.
@@ -430,9 +442,12 @@ class CommitGuard:
             self._stop(self._deferred)
 
 
+_UNCOMMITTED = b'false, "changed_before_ns": "' + b"0" * 20 + b'"}'
+
+
 def _write_journal(path: Path, output: Path, temporary: Path) -> tuple[int, int]:
     """Write the commit journal, flushed, and return its descriptor (locked for as long as the
-    commit runs) and the offset of its ``false``, which _mark_committed turns into ``true``.
+    commit runs) and the offset of its uncommitted tail, which _mark_committed overwrites.
 
     It records the output's name, the identity of the folder that is to take it, and whether it
     did: an identity alone proves nothing once its folder is gone (inode numbers are reused).
@@ -444,7 +459,7 @@ def _write_journal(path: Path, output: Path, temporary: Path) -> tuple[int, int]
     fd = os.open(path, flags, 0o644)
     try:
         _lock(fd)
-        os.write(fd, head + b"false}")
+        os.write(fd, head + _UNCOMMITTED)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -453,9 +468,12 @@ def _write_journal(path: Path, output: Path, temporary: Path) -> tuple[int, int]
     return fd, len(head)
 
 
-def _mark_committed(fd: int, offset: int) -> None:
-    """``"committed": true`` in the journal: one small write inside one block, flushed."""
-    os.pwrite(fd, b"true ", offset)
+def _mark_committed(fd: int, offset: int, changed_before_ns: int) -> None:
+    """Record the swap, and the time before which the replaced adapter's files last changed:
+    one small write of the journal's fixed-width tail, flushed."""
+    tail = f'true , "changed_before_ns": "{changed_before_ns:020d}"}}'.encode()
+    assert len(tail) == len(_UNCOMMITTED)
+    os.pwrite(fd, tail, offset)
     os.fsync(fd)
 
 
@@ -490,6 +508,10 @@ def _commit(temporary: Path, output: Path, base: str, overwrite: bool, shown: st
     _check_replaceable(output, shown)  # again: it may have changed while merging
     journal, old = output.parent / f"{base}.commit", output.parent / f"{base}.old"
     journal_fd, committed_at = _write_journal(journal, output, temporary)
+    # The status-change time of the journal, just written, is the filesystem's own clock:
+    # every file of the replaced adapter changed before it; a file that reaches the folder
+    # once it is moved aside changes after it.
+    changed_before_ns = os.fstat(journal_fd).st_ctime_ns
     try:
         try:
             _fsync_path(output.parent)  # the journal is on disk before the old adapter moves
@@ -509,9 +531,9 @@ def _commit(temporary: Path, output: Path, base: str, overwrite: bool, shown: st
             message = f"--output {shown}: cannot move the merged adapter in ({exc.strerror})"
             _refuse_putting_back(old, output, journal, message)
         try:  # the new adapter is in place: what follows tidies, and cannot fail the run
-            _mark_committed(journal_fd, committed_at)
+            _mark_committed(journal_fd, committed_at, changed_before_ns)
             _fsync_path(output.parent)  # the new name is on disk before the old adapter goes
-            kept = _delete_replaced(old, os.fstat(journal_fd).st_mtime_ns)
+            kept = _delete_replaced(old, changed_before_ns)
             os.unlink(journal)  # kept or not, nothing more is done to it
             if kept is not None:
                 sys.stderr.write(
