@@ -284,12 +284,25 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def test_a_kept_adapter_survives_later_runs_and_returns_when_its_name_is_free(adapter, tmp_path):
+def _killed(adapter: Path, tmp_path: Path, moment: str) -> tuple[Path, Path, dict[str, bytes]]:
+    """An --overwrite run over a merged output, killed at ``moment``: the parent folder, the
+    output, and the files the output held before."""
     parent = tmp_path / "outputs"
     out = parent / "merged"
     _merge_ok(adapter, out)
     old = _files(out)
-    _killed_merge(adapter, out, "old adapter moved aside")
+    _killed_merge(adapter, out, moment)
+    return parent, out, old
+
+
+def _aside(parent: Path) -> Path:
+    """The replaced adapter that a run moved aside."""
+    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
+    return aside
+
+
+def test_a_kept_adapter_survives_later_runs_and_returns_when_its_name_is_free(adapter, tmp_path):
+    parent, out, old = _killed(adapter, tmp_path, "old adapter moved aside")
     out.mkdir()  # the free name is taken by someone else before the next runs
     (out / "theirs.txt").write_text("theirs")
     for other in ("other1", "other2", "other3"):  # each run tidies again
@@ -454,11 +467,7 @@ def test_a_reader_that_went_away_does_not_fail_a_finished_merge(adapter, tmp_pat
 def test_a_reused_inode_number_does_not_pass_for_the_replacement(adapter, tmp_path):
     # Killed after the old adapter was moved aside; its stray temporary folder deleted by hand;
     # a new folder takes the output name and (as ext4 readily does) the freed inode number.
-    parent = tmp_path / "outputs"
-    out = parent / "merged"
-    _merge_ok(adapter, out)
-    old = _files(out)
-    _killed_merge(adapter, out, "old adapter moved aside")
+    parent, out, old = _killed(adapter, tmp_path, "old adapter moved aside")
     shutil.rmtree(next(p for p in parent.iterdir() if p.name.endswith(".tmp")))
     out.mkdir()
     (out / "notes.txt").write_text("notes")
@@ -504,11 +513,8 @@ def test_files_that_reach_the_replaced_folder_after_the_swap_are_kept(
 
 
 def test_the_tidy_keeps_files_that_reached_a_replaced_folder(adapter, tmp_path):
-    parent = tmp_path / "outputs"
-    out = parent / "merged"
-    _merge_ok(adapter, out)
-    _killed_merge(adapter, out, "new adapter in place")
-    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
+    parent, out, _ = _killed(adapter, tmp_path, "new adapter in place")
+    aside = _aside(parent)
     (aside / "checkpoint-900").mkdir()
     (aside / "checkpoint-900" / "model.bin").write_bytes(b"weights")
     _merge_ok(adapter, parent / "other")
@@ -543,11 +549,8 @@ def test_a_link_swapped_in_just_before_the_swap_is_put_back_and_refused(
 
 
 def test_files_an_input_links_into_a_leftover_are_not_tidied(adapter, tmp_path):
-    parent = tmp_path / "outputs"
-    out = parent / "merged"
-    _merge_ok(adapter, out)
-    _killed_merge(adapter, out, "new adapter in place")
-    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
+    parent, _, _ = _killed(adapter, tmp_path, "new adapter in place")
+    aside = _aside(parent)
     linked = tmp_path / "linked"
     linked.mkdir()
     for name in (CFG_NAME, ST_NAME):
@@ -558,10 +561,7 @@ def test_files_an_input_links_into_a_leftover_are_not_tidied(adapter, tmp_path):
 
 
 def test_a_committed_replacement_moved_away_does_not_bring_the_old_adapter_back(adapter, tmp_path):
-    parent = tmp_path / "outputs"
-    out = parent / "merged"
-    _merge_ok(adapter, out)
-    _killed_merge(adapter, out, "new adapter in place")
+    parent, out, _ = _killed(adapter, tmp_path, "new adapter in place")
     os.rename(out, parent / "merged-v2")  # the user keeps the new adapter under another name
     _merge_ok(adapter, parent / "other")
     assert not out.exists()
@@ -571,11 +571,8 @@ def test_a_committed_replacement_moved_away_does_not_bring_the_old_adapter_back(
 def test_the_tidy_keeps_a_file_moved_into_a_replaced_folder_with_its_old_times(adapter, tmp_path):
     # A shell whose current folder was the output follows it aside; `mv` keeps the file's
     # modification time (here an hour old), but not its status-change time.
-    parent = tmp_path / "outputs"
-    out = parent / "merged"
-    _merge_ok(adapter, out)
-    _killed_merge(adapter, out, "new adapter in place")
-    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
+    parent, _, _ = _killed(adapter, tmp_path, "new adapter in place")
+    aside = _aside(parent)
     readme = tmp_path / "README.md"
     readme.write_text("my only copy")
     earlier = time.time_ns() - 3600 * 10**9
