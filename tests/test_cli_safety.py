@@ -297,7 +297,7 @@ def _killed(adapter: Path, tmp_path: Path, moment: str) -> tuple[Path, Path, dic
 
 def _aside(parent: Path) -> Path:
     """The replaced adapter that a run moved aside."""
-    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
+    aside = _aside(parent)
     return aside
 
 
@@ -321,7 +321,7 @@ def test_a_kept_adapter_given_as_an_input_is_merged_not_tidied(adapter, tmp_path
     _killed_merge(adapter, out, "old adapter moved aside")
     shutil.rmtree(next(p for p in parent.iterdir() if p.name.endswith(".tmp")))
     out.mkdir()
-    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
+    aside = _aside(parent)
     before = tree_digest(aside)
     _merge_ok(aside, parent / "recovered")
     assert tree_digest(aside) == before
@@ -347,7 +347,7 @@ def test_a_name_taken_between_the_two_renames_keeps_both_and_says_where(
     code, stdout, stderr = _merge(adapter, out, "--weights", "2", "--overwrite")
     monkeypatch.setattr(os, "rename", rename)
     assert_one_line_error(code, stdout, stderr)
-    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
+    aside = _aside(parent)
     assert f"the adapter that was there is kept in {aside}" in stderr
     assert _files(aside) == old
     for other in ("other1", "other2"):
@@ -476,7 +476,7 @@ def test_a_reused_inode_number_does_not_pass_for_the_replacement(adapter, tmp_pa
     record["identity"] = [os.stat(out).st_dev, os.stat(out).st_ino]  # the reuse
     journal.write_text(json.dumps(record))
     _merge_ok(adapter, parent / "other")
-    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
+    aside = _aside(parent)
     assert _files(aside) == old and os.listdir(out) == ["notes.txt"]
 
 
@@ -490,7 +490,7 @@ def test_files_that_reach_the_replaced_folder_after_the_swap_are_kept(
 
     def committed_then_files_arrive(fd, offset, changed_before_ns):
         mark_committed(fd, offset, changed_before_ns)
-        (aside,) = (p for p in out.parent.iterdir() if p.name.endswith(".old"))
+        aside = _aside(out.parent)
         (aside / "checkpoint-notes.txt").write_text("late notes")
         # a file with an adapter file's name moved in after the swap, an hour-old mtime kept
         readme = tmp_path / "README.md"
@@ -502,7 +502,7 @@ def test_files_that_reach_the_replaced_folder_after_the_swap_are_kept(
     monkeypatch.setattr(out_folder, "_mark_committed", committed_then_files_arrive)
     code, _, stderr = _merge(adapter, out, "--weights", "2", "--overwrite")
     assert code == 0, stderr
-    (aside,) = (p for p in out.parent.iterdir() if p.name.endswith(".old"))
+    aside = _aside(out.parent)
     assert "warning" in stderr and str(aside) in stderr
     assert sorted(os.listdir(aside)) == ["README.md", "checkpoint-notes.txt"]
     monkeypatch.setattr(out_folder, "_mark_committed", mark_committed)
