@@ -297,7 +297,7 @@ def _killed(adapter: Path, tmp_path: Path, moment: str) -> tuple[Path, Path, dic
 
 def _aside(parent: Path) -> Path:
     """The replaced adapter that a run moved aside."""
-    aside = _aside(parent)
+    (aside,) = (p for p in parent.iterdir() if p.name.endswith(".old"))
     return aside
 
 
