@@ -91,6 +91,11 @@ def _within(path: str | Path, folder: str | Path) -> bool:
     return any(os.path.samestat(info, target) for info in _identities_up(path))
 
 
+def _is_adapter_file(name: str) -> bool:
+    """Whether an adapter folder usually holds a file of this name (--overwrite may delete it)."""
+    return name in _ADAPTER_FILES or _ADAPTER_FILE_PATTERN.fullmatch(name) is not None
+
+
 def _unexpected_entries(folder: Path) -> list[str]:
     """Entries of an existing output folder that an adapter folder does not usually hold."""
     unexpected = []
@@ -98,8 +103,7 @@ def _unexpected_entries(folder: Path) -> list[str]:
         entries = sorted(scan, key=lambda e: e.name)
     for entry in entries:
         is_file = not entry.is_dir(follow_symlinks=False)
-        known = entry.name in _ADAPTER_FILES or _ADAPTER_FILE_PATTERN.fullmatch(entry.name)
-        if not (is_file and known):
+        if not (is_file and _is_adapter_file(entry.name)):
             unexpected.append(show(entry.name) + ("" if is_file else "/"))
     return unexpected
 
@@ -290,9 +294,8 @@ def _delete_replaced(folder: str | Path, changed_before_ns: int) -> str | None:
             entries = list(scan)
         for entry in entries:
             info = entry.stat(follow_symlinks=False)
-            known = entry.name in _ADAPTER_FILES or _ADAPTER_FILE_PATTERN.fullmatch(entry.name)
             before = info.st_ctime_ns < changed_before_ns  # (in the same clock tick: kept)
-            if known and not stat.S_ISDIR(info.st_mode) and before:
+            if _is_adapter_file(entry.name) and not stat.S_ISDIR(info.st_mode) and before:
                 os.unlink(entry.name, dir_fd=fd)
             else:
                 kept.append(show(entry.name))
@@ -349,8 +352,9 @@ def remove_leftovers(parent: Path, keep: Sequence[Path] = ()) -> None:
 
 
 def _tidy_run(parent: Path, parts: dict[str, str]) -> None:
-    """Tidy one dead run's leftovers, holding the locks its living owner would hold: its lock
-    file (or, without one, its temporary folder's and journal's own locks)."""
+    """Tidy one dead run's leftovers under the lock its living owner would hold, its lock file.
+    Leftovers of earlier versions have none: they are tidied under locks on their temporary
+    folder and journal, which keep two tidies off one run at once."""
     lock, old, journal = parts.get("lock"), parts.get("old"), parts.get("commit")
     temporary, trash = parts.get("tmp"), parts.get("trash")
     held = []
@@ -446,8 +450,8 @@ _UNCOMMITTED = b'false, "changed_before_ns": "' + b"0" * 20 + b'"}'
 
 
 def _write_journal(path: Path, output: Path, temporary: Path) -> tuple[int, int]:
-    """Write the commit journal, flushed, and return its descriptor (locked for as long as the
-    commit runs) and the offset of its uncommitted tail, which _mark_committed overwrites.
+    """Write the commit journal, flushed, and return its descriptor and the offset of its
+    uncommitted tail, which _mark_committed overwrites. (The run's lock file guards it.)
 
     It records the output's name, the identity of the folder that is to take it, and whether it
     did: an identity alone proves nothing once its folder is gone (inode numbers are reused).
@@ -458,7 +462,6 @@ def _write_journal(path: Path, output: Path, temporary: Path) -> tuple[int, int]
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags, 0o644)
     try:
-        _lock(fd)
         os.write(fd, head + _UNCOMMITTED)
         os.fsync(fd)
     except BaseException:
@@ -596,7 +599,6 @@ def atomic_output(
             raise CliError(
                 f"--output {shown}: cannot create a folder beside it ({exc.strerror or exc})"
             ) from None
-        _lock(folder_fd)  # for runs of earlier versions, which know no lock files
         yield temporary
         mode = None
         if os.path.isdir(output) and not os.path.islink(output):
