@@ -63,9 +63,7 @@ class _FlatWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, repeats: int, *weights: torch.Tensor) -> torch.Tensor:
         ctx.parts = [(w.numel(), w.dtype, w.device) for w in weights]
-        if len(weights) == 1:
-            return weights[0].to(torch.float64).repeat(repeats)
-        return torch.cat([w.to(torch.float64) for w in weights])
+        return _concatenated(list(weights), repeats)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -84,14 +82,18 @@ class _FlatWeights(torch.autograd.Function):
         return (None, *converted)
 
 
+def _concatenated(weights: list[torch.Tensor], repeats: int) -> torch.Tensor:
+    if len(weights) == 1:
+        return weights[0].to(torch.float64).repeat(repeats)
+    return torch.cat([w.to(torch.float64) for w in weights])
+
+
 def flat_weights(weights: list[torch.Tensor], repeats: int = 1) -> torch.Tensor:
     """The float64 weights of a merge_many call: ``weights[0]`` ``repeats`` times (one shared
     vector), or the vectors one after another (``repeats`` 1)."""
     if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
         return _FlatWeights.apply(repeats, *weights)
-    if len(weights) == 1:
-        return weights[0].to(torch.float64).repeat(repeats)
-    return torch.cat([w.to(torch.float64) for w in weights])
+    return _concatenated(weights, repeats)
 
 
 def _task_grads(grads: list[torch.Tensor], needs: list[bool]) -> list[torch.Tensor | None]:
