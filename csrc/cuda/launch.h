@@ -81,7 +81,6 @@ struct SelectState {
   uint64_t prefix;  // key bits chosen so far
   int64_t rank;     // 1-based rank of the wanted key among keys with that prefix
   uint32_t done;    // blocks of the current pass that have finished
-  uint32_t active;  // 1 once the first pass has run and the job needs further passes
 };
 
 struct DigitPass {

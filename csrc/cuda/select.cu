@@ -271,8 +271,8 @@ __device__ void select_split_pass(SharedStorage& s, const SelectParams& p, const
   uint64_t prefix = 0;
   int64_t rank = job.k;
   if (p.pass > 0) {
+    // Written by the previous pass's last block; every job runs every pass.
     const SelectState st = *state;
-    if (!st.active) return;
     prefix = st.prefix;
     rank = st.rank;
   }
@@ -318,7 +318,7 @@ __device__ void select_split_pass(SharedStorage& s, const SelectParams& p, const
   const uint64_t chosen = prefix | (static_cast<uint64_t>(digit) << d.shift);
 
   if (!final_pass) {
-    if (threadIdx.x == 0) *state = SelectState{chosen, rank_in_digit, 0u, 1u};
+    if (threadIdx.x == 0) *state = SelectState{chosen, rank_in_digit, 0u};
     return;
   }
 
