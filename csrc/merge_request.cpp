@@ -125,7 +125,9 @@ MergeRequest make_request(at::TensorList tasks, const at::Tensor& weights, c10::
   req.pruning = parse_pruning(pruning);
   req.election = parse_election(election);
   req.density = density;
-  req.rescale = rescale;
+  // At density 0 every entry is dropped and none is divided: a rescale would only put 1 / 0
+  // into the gradients of the dropped entries (their q * 0).
+  req.rescale = rescale && density > 0.0;
   req.seed = seed;
   req.first_stream = first_stream;
   req.tasks.reserve(tasks.size());

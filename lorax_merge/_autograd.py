@@ -202,7 +202,29 @@ def _setup_random_prune(ctx, inputs, output) -> None:
 def _random_prune_backward(ctx, grad):
     # The mask depends only on (seed, stream, index), and the gradient of a kept entry is
     # grad / density rounded as the forward rounds x / density: the same op, applied to grad.
-    return ops.random_prune(grad, *ctx.params), None, None, None, None
+    grad_x = ops.random_prune(grad, *ctx.params)
+    density, rescale = ctx.params[:2]
+    if rescale and 0 < density < 1:
+        _overflowed_drops_as_nan(grad, grad_x, density)
+    return grad_x, None, None, None, None
+
+
+def _overflowed_drops_as_nan(grad: torch.Tensor, grad_x: torch.Tensor, density: float) -> None:
+    """Gives a dropped entry the NaN of ``r(grad / density) * 0`` where the quotient overflows.
+
+    The gradient of ``(tensor * mask) / density`` divides before the mask multiplies, so a
+    dropped entry gets ``r(grad / density) * 0``: NaN where the rounded quotient is infinite,
+    which ``random_prune(grad)`` (``grad * 0`` there) does not see. The quotient is the
+    kernels' true division in the op-math type (a 0-dim tensor on the gradient's device, not a
+    Python number, which the GPU would multiply by its reciprocal); a kept entry's gradient is
+    that same quotient, so an infinite quotient with a finite ``grad_x`` marks a drop.
+    """
+    op_math = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    divisor = torch.full((), density, dtype=op_math, device=grad.device)
+    quotient = (grad.to(op_math) / divisor).to(grad.dtype)
+    overflowed = quotient.isinf() & ~grad_x.isinf()
+    as_int, bits = _CANONICAL_NAN[grad.dtype]
+    grad_x.view(as_int).masked_fill_(overflowed, bits)
 
 
 # ------------------------------------------------------------------------------ disjoint merge

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
 
@@ -35,10 +36,43 @@ _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nul
 
 
 def records_gradient(tensors: Sequence[torch.Tensor], *more: torch.Tensor) -> bool:
-    """Whether an op's result over these inputs would record a gradient."""
+    """Whether an op's result over these inputs would record a gradient.
+
+    Every differentiable entry point asks this before calling an op, so it also refuses what
+    the ops cannot differentiate (see ``refuse_forward_mode``).
+    """
+    if not torch.compiler.is_compiling():
+        refuse_forward_mode(tensors, more)
     return torch.is_grad_enabled() and (
         any(t.requires_grad for t in more) or any(t.requires_grad for t in tensors)
     )
+
+
+_functorch_level = getattr(torch._C._functorch, "maybe_current_level", lambda: None)
+
+
+def refuse_forward_mode(tensors: Sequence[torch.Tensor], more: Sequence[torch.Tensor]) -> None:
+    """Raises NotImplementedError under a ``torch.func`` transform, or for an input that
+    carries a forward-mode tangent.
+
+    The ops have reverse-mode derivatives only. torch passes an input whose only derivative
+    is a tangent (forward AD, ``jvp``, ``jacfwd``) below the autograd key, which would drop
+    the tangent without a word: a zero Jacobian. The other transforms (``grad``, ``vmap``)
+    would fail deep inside torch with a message that does not say why.
+    """
+    if _functorch_level() is not None:
+        raise NotImplementedError(
+            "lorax_merge: the merge ops do not support torch.func transforms (grad, vmap, jvp, "
+            "jacfwd, jacrev, ...); differentiate with torch.autograd (loss.backward() or "
+            "torch.autograd.grad)"
+        )
+    if forward_ad._current_level >= 0 and any(
+        forward_ad.unpack_dual(t).tangent is not None for group in (tensors, more) for t in group
+    ):
+        raise NotImplementedError(
+            "lorax_merge: forward-mode AD is not supported (an input carries a tangent); the "
+            "merge ops have reverse-mode derivatives only (loss.backward() or torch.autograd.grad)"
+        )
 
 
 def call(op: Callable[..., Any], *args: Any, records_gradient: bool) -> Any:

@@ -192,10 +192,18 @@ def merge_many(
         where = None if shared else group_weights[i].device
         batches.setdefault((dtype, where), []).append(i)
     results: list[torch.Tensor | None] = [None] * len(groups)
+    if shared:
+        # One float64 copy per group, in group order, taken in slices by the batches: the
+        # backward then adds the groups' gradients in group order and converts once, however
+        # the groups fall into batches (split and cat move gradients without adding them).
+        shared_flat = _autograd.flat_weights([group_weights[0]], len(groups))
+        shared_pieces = shared_flat.split(group_weights[0].numel())
     for (dtype, _), members in batches.items():
         flat = [t for i in members for t in groups[i]]
-        if shared:
-            flat_weights = _autograd.flat_weights([group_weights[0]], len(members))
+        if shared and len(members) == len(groups):
+            flat_weights = shared_flat
+        elif shared:
+            flat_weights = torch.cat([shared_pieces[i] for i in members])
         else:
             flat_weights = _autograd.flat_weights([group_weights[i] for i in members])
         outs = _ops.call(

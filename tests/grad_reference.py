@@ -73,7 +73,7 @@ def upstream_expression(
         return weighted.sum(dim=0)
     values = [p.detach().cpu() for p in pruned]
     acc = accumulate_dtype(values[0].dtype, weighted.dtype)
-    majority = reference_majority_sign(values, method, acc)
+    majority = reference_majority_sign(values, method, accumulate_dtype(values[0].dtype)).to(acc)
     sign_mask = torch.stack([reference_sign(v).to(acc) == majority for v in values])
     sign_mask = sign_mask.to(stacked.device)
     summed = (weighted * sign_mask).sum(dim=0)

@@ -243,7 +243,9 @@ def reference_merge_detailed(
     abs_sum = torch.zeros(shape, dtype=acc)
     count = torch.ones(shape, dtype=acc)
     if elect:
-        majority = reference_majority_sign(values, method, acc)
+        # The vote sums the unweighted values in the tasks' own accumulate type, whatever
+        # the weights or the result widen the weighted sums to.
+        majority = reference_majority_sign(values, method, accumulate_dtype(common)).to(acc)
         count = torch.zeros(shape, dtype=acc)
         for v, p in zip(values, products):
             agree = reference_sign(v).to(acc) == majority

@@ -31,6 +31,7 @@ from helpers import (
     unsigned_bits,
 )
 from reference import magnitude_keep_mask
+from torch.autograd import forward_ad
 
 import lorax_merge
 from lorax_merge import _C, strategy_registry, utils
@@ -207,6 +208,63 @@ def test_elected_gradients_with_ties_and_float64_weights(device, strategy, metho
     assert_close_nan_aware(w_grad, ref_w, tol, f"{strategy} {method} weights")
 
 
+@pytest.mark.parametrize("strategy", sorted(ELECTING_STRATEGIES))
+def test_the_backward_votes_in_the_task_dtype_with_float64_weights(device, strategy):
+    """The backward recomputes the forward's vote in the tasks' float32, as the server sums the
+    unweighted stack: 1e8 + (-1) + (-1e8) is 0 there (task 0 alone is elected), not -1."""
+    tasks = [torch.tensor(v, device=device) for v in ([1e8, 2.0], [-1.0, -3.0], [-1e8, 0.5])]
+    weights = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64, device=device)
+    grad_out = torch.ones(2, dtype=torch.float64, device=device)
+    task_grads, w_grad, _ = _merge_grads(tasks, weights, grad_out, strategy, 1.0)
+    assert [g.tolist() for g in task_grads] == [[1.0, 0.0], [0.0, 0.5], [0.0, 0.0]]
+    assert w_grad.tolist() == [1e8, -3.0, 0.0]
+    ref_tasks, _ = reference_gradients(tasks, weights, grad_out, strategy, 1.0)
+    for i, (got, ref) in enumerate(zip(task_grads, ref_tasks)):
+        assert_same_bits_any_nan(got, ref, f"{strategy} task {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_a_dropped_entry_whose_rescaled_gradient_overflows_is_nan(device, dtype):
+    """The gradient of (t * mask) / d divides before the mask multiplies: where the rounded
+    grad / d overflows, a dropped entry's gradient is Inf * 0 = NaN (the canonical one), in a
+    merge and in utils.prune, as autograd of the upstream expression gives."""
+    density, big = 0.3, (3e4 if dtype == torch.float16 else 2e38)  # big / density overflows
+    x = make_tasks(1, (8, 16), dtype, "normal", seed=31, device=device)[0]
+    grad_out = torch.full((8, 16), big, device=device)  # the merge's float32 result
+    (task_grad,), _, _ = _merge_grads([x], torch.tensor([1.0]), grad_out, "dare_linear", density)
+    (ref,), _ = reference_gradients(
+        [x], torch.tensor([1.0]), grad_out, "dare_linear", density, seed=SEED
+    )
+    assert_same_bits_any_nan(task_grad, ref, "merge")
+    y = x.detach().clone().requires_grad_(True)
+    g = grad_out.to(dtype)
+    utils.prune(y, density, "random", rescale=True, seed=9, stream=4).backward(g)
+    mask = (utils.prune(torch.ones_like(y), density, "random", seed=9, stream=4) != 0).cpu()
+    assert_same_bits_any_nan(y.grad.cpu(), (g.cpu() / density) * mask.to(dtype), "prune")
+    for grad in (task_grad, y.grad):
+        assert bool(grad.isnan().any()) and bool(grad.isinf().any()), "drops and keeps"
+        nan_bits = set(unsigned_bits(grad[torch.isnan(grad)]))
+        assert nan_bits == {CANONICAL_NAN_BITS[dtype]}
+
+
+@pytest.mark.parametrize("strategy", sorted(RANDOM_STRATEGIES))
+def test_dare_at_density_0_has_zero_task_gradients(device, strategy):
+    """At density 0 every entry is dropped and none divided: the result is zeros for finite
+    inputs, and the task gradients are grad * 0, not the 1 / 0 of a rescale."""
+    tasks = make_tasks(2, (5, 7), torch.float32, "normal", seed=33, device=device)
+    grad_out = torch.randn(5, 7, generator=torch.Generator().manual_seed(8)).to(device)
+    task_grads, w_grad, out = _merge_grads(
+        tasks, torch.tensor([1.5, -2.0]), grad_out, strategy, 0.0
+    )
+    assert not bool(out.any())
+    for grad in task_grads:
+        assert torch.equal(grad, torch.zeros_like(grad)) and not bool(grad.isnan().any())
+    assert torch.equal(w_grad, torch.zeros(2))
+    y = tasks[0].detach().clone().requires_grad_(True)
+    utils.prune(y, 0.0, "random", rescale=True, seed=9).backward(grad_out)
+    assert torch.equal(y.grad, torch.zeros_like(y)) and not bool(y.grad.isnan().any())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_nan_and_inf_as_the_upstream_expression(device, strategy, dtype):
@@ -274,6 +332,36 @@ def test_merge_many_shared_weights_sum_the_groups_in_order(device, strategy, wei
     """A weight vector shared by every group gets the groups' float64 gradients summed one group
     after another, converted once, with its dtype's one NaN: the same bits on every device."""
     groups, grads = _groups_with_opposite_infinite_gradients(device)
+    _check_shared_weight_gradients(groups, grads, weights_dtype, strategy, device)
+
+
+@pytest.mark.parametrize("weights_dtype", _WEIGHT_DTYPES, ids=str)
+def test_merge_many_shared_weights_over_groups_of_several_result_dtypes(device, weights_dtype):
+    """Groups whose results differ in dtype are merged in one op call per dtype; the shared
+    weights' gradient is still the groups' float64 sum in group order, converted once: the
+    +Inf and -Inf of groups 1 and 3 (in different calls) meet in float64, as one NaN."""
+    groups, grads = _groups_with_opposite_infinite_gradients(device)
+    groups = [
+        [t.to(torch.float64) for t in g] if i in (1, 2, 5) else g for i, g in enumerate(groups)
+    ]
+    _check_shared_weight_gradients(groups, grads, weights_dtype, "ties", device)
+    # Finite gradients: one rounding to the weights' dtype, not one per call.
+    gen = torch.Generator().manual_seed(21)
+    groups = [
+        [
+            torch.randn(300, generator=gen).to(torch.float32 if i % 2 else torch.bfloat16)
+            for _ in "abc"
+        ]
+        for i in range(4)
+    ]
+    grads = [torch.randn(300, generator=gen) for _ in groups]
+    groups = [[t.to(device) for t in g] for g in groups]
+    _check_shared_weight_gradients(
+        groups, [g.to(device) for g in grads], weights_dtype, "linear", device
+    )
+
+
+def _check_shared_weight_gradients(groups, grads, weights_dtype, strategy, device):
     weights = torch.tensor([0.8, -1.7, 0.35], dtype=weights_dtype, device=device)
     kw = merge_kwargs(strategy, 0.4, seed=SEED)
     shared = weights.detach().clone().requires_grad_(True)
@@ -291,7 +379,8 @@ def test_merge_many_shared_weights_sum_the_groups_in_order(device, strategy, wei
     expected = total.to(weights_dtype)
     as_int = bits(expected).dtype
     expected.view(as_int).masked_fill_(expected.isnan(), CANONICAL_NAN_BITS[weights_dtype])
-    assert bool(expected.isnan().all()), "the case should make every weight gradient NaN"
+    if any(bool(g.isinf().any()) for g in grads):
+        assert bool(expected.isnan().all()), "the case should make every weight gradient NaN"
     assert_same_bits(shared.grad, expected, f"{strategy} {weights_dtype}")
 
 
@@ -559,6 +648,33 @@ def test_second_derivative_of_a_merge_refuses_clearly():
     (gw,) = torch.autograd.grad(out.sum(), w, create_graph=True)
     with pytest.raises(RuntimeError, match="second derivatives"):
         gw.sum().backward()
+
+
+def test_forward_mode_and_torch_func_transforms_are_refused():
+    """The ops have reverse-mode derivatives only: a tangent must not be dropped silently (a
+    zero Jacobian), and the transforms get a message that says why."""
+    tasks = make_tasks(3, (4, 5), torch.float32, seed=25)
+    w = torch.tensor([0.5, 1.0, -1.0])
+
+    def loss(weights):
+        return lorax_merge.merge(tasks, weights, "linear").sum()
+
+    for transform in (torch.func.jacfwd, torch.func.jacrev, torch.func.grad):
+        with pytest.raises(NotImplementedError, match=r"torch\.func transforms"):
+            transform(loss)(w)
+    with pytest.raises(NotImplementedError, match=r"torch\.func transforms"):
+        torch.func.vmap(lambda t: utils.prune(t, 0.5, "magnitude"))(torch.randn(2, 6))
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(w, torch.ones(3))
+        for call in (
+            lambda: lorax_merge.merge(tasks, dual, "ties", density=0.5),
+            lambda: lorax_merge.merge_many([tasks, tasks], dual, strategy="linear"),
+            lambda: utils.prune(forward_ad.make_dual(tasks[0], tasks[1]), 0.5, "random", seed=1),
+        ):
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                call()
+        # Inputs without a tangent merge as usual inside a dual level.
+        assert torch.equal(lorax_merge.merge(tasks, w), lorax_merge.merge(tasks, w.clone()))
 
 
 def test_torch_compile_traces_forward_and_backward():

@@ -24,15 +24,18 @@ import math
 
 import pytest
 import torch
+import upstream
 from helpers import (
     ALL_DTYPES,
     DENSITY,
+    ELECTING_STRATEGIES,
     RANDOM_STRATEGIES,
     SEED,
     SHAPE,
     STRATEGIES,
     TIE_VALUES,
     WEIGHT,
+    assert_same_bits,
     dare_masks,
     make_tasks,
     task_data,
@@ -367,3 +370,21 @@ def test_scaling_weights_by_a_power_of_two_scales_the_result_exactly(case, facto
 @given(tame_cases(kinds=("finite", "tied", "special")))
 def test_repeated_calls_are_bit_identical(case):
     assert torch.equal(_bits(_merge(case)), _bits(_merge(case))), _describe(case)
+
+
+@pytest.mark.parametrize("strategy", sorted(ELECTING_STRATEGIES))
+def test_the_sign_vote_is_summed_in_the_task_dtype_whatever_the_result_dtype(device, strategy):
+    """float64 weights or a float64 result widen the weighted sums, not the vote. The server
+    sums the unweighted float32 stack in float32, where 1e8 + (-1) + (-1e8) is 0 (a positive
+    majority: task 0 alone); float64 would make it -1 and merge tasks 1 and 2 instead."""
+    values = ([1e8, 2.0], [-1.0, -3.0], [-1e8, 0.5])
+    tasks = [torch.tensor(v, device=device) for v in values]
+    w64 = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64, device=device)
+    expected = upstream.ties([t.cpu() for t in tasks], w64.cpu(), density=1.0)
+    assert expected.tolist() == [1e8, -1.5]
+    assert_same_bits(lorax_merge.merge(tasks, w64, strategy).cpu(), expected, "float64 weights")
+    widened = lorax_merge.merge(tasks, w64.float(), strategy, out_dtype=torch.float64)
+    assert_same_bits(widened.cpu(), expected, "float64 result")
+    many = lorax_merge.merge_many([tasks, tasks], w64, strategy=strategy)
+    for out in many:
+        assert_same_bits(out.cpu(), expected, "merge_many")

@@ -97,17 +97,26 @@ struct MaskedMean {
 // so that one pass over the tasks suffices: the majority is known after the last task.
 // Written as free functions over the fields so the CPU can keep them as arrays (SIMD)
 // and the GPU in registers (MergeAccumulator below), with one definition of the rule.
-template <typename acc_t, SignElection E, typename count_t>
-LM_HOST_DEVICE void add_elected(acc_t& score, acc_t& pos_sum, count_t& pos_count, acc_t& neg_sum,
+// The score is summed in vote_t, the op-math type of the task dtype, as the reference sums the
+// unweighted stack (`stack.sum(dim=0)`) in the tasks' dtype: float64 weights or a float64
+// result widen the weighted sums (acc_t) but must not change which sign wins. A pruned value
+// is a task-dtype value, so its conversion to vote_t is exact.
+template <typename acc_t, typename vote_t, SignElection E>
+LM_HOST_DEVICE void add_vote(vote_t& score, acc_t v) {
+  score += election_term<vote_t, E>(static_cast<vote_t>(v));
+}
+
+template <typename acc_t, typename vote_t, SignElection E, typename count_t>
+LM_HOST_DEVICE void add_elected(vote_t& score, acc_t& pos_sum, count_t& pos_count, acc_t& neg_sum,
                                 count_t& neg_count, acc_t v, acc_t w) {
   const acc_t p = v * w;
-  score += election_term<acc_t, E>(v);
+  add_vote<acc_t, vote_t, E>(score, v);
   add_masked(pos_sum, pos_count, p, v > acc_t(0));
   add_masked(neg_sum, neg_count, p, v < acc_t(0));
 }
 
-template <typename acc_t, typename count_t>
-LM_HOST_DEVICE acc_t elected_result(acc_t score, acc_t pos_sum, count_t pos_count, acc_t neg_sum,
+template <typename acc_t, typename vote_t, typename count_t>
+LM_HOST_DEVICE acc_t elected_result(vote_t score, acc_t pos_sum, count_t pos_count, acc_t neg_sum,
                                     count_t neg_count) {
   // One division: pick the majority's sum and count first.
   const bool positive = majority_is_positive(score);
@@ -116,14 +125,14 @@ LM_HOST_DEVICE acc_t elected_result(acc_t score, acc_t pos_sum, count_t pos_coun
 
 // Accumulates the merge of one element over the tasks: add(v_i, w_i) for each task in
 // order, then result().
-template <typename acc_t, SignElection E>
+template <typename acc_t, typename vote_t, SignElection E>
 struct MergeAccumulator {
-  acc_t score = acc_t(0);
+  vote_t score = vote_t(0);
   acc_t pos_sum = acc_t(0), pos_count = acc_t(0);
   acc_t neg_sum = acc_t(0), neg_count = acc_t(0);
 
   LM_HOST_DEVICE void add(acc_t v, acc_t w) {
-    add_elected<acc_t, E>(score, pos_sum, pos_count, neg_sum, neg_count, v, w);
+    add_elected<acc_t, vote_t, E>(score, pos_sum, pos_count, neg_sum, neg_count, v, w);
   }
   LM_HOST_DEVICE acc_t result() const {
     return elected_result(score, pos_sum, pos_count, neg_sum, neg_count);
@@ -137,8 +146,8 @@ LM_HOST_DEVICE acc_t negative_zero() {
   return -acc_t(0);
 }
 
-template <typename acc_t>
-struct MergeAccumulator<acc_t, SignElection::kNone> {
+template <typename acc_t, typename vote_t>
+struct MergeAccumulator<acc_t, vote_t, SignElection::kNone> {
   acc_t sum = negative_zero<acc_t>();
 
   LM_HOST_DEVICE void add(acc_t v, acc_t w) { sum += v * w; }
@@ -151,14 +160,15 @@ struct MergeAccumulator<acc_t, SignElection::kNone> {
 // incoming gradient g (the merge result's), elected count c and task i (weight w_i, keep bit k_i,
 // election bit e_i, pruned value v_i):
 //   share_i = (g / max(c, 1)) * e_i   the gradient of w_i * v_i (share_i = g without election)
-//   d t_i   = k_i ? r(r(share_i * w_i) / d) : r(share_i * w_i) * 0   DARE with rescale
-//             k_i ? r(share_i * w_i)        : r(share_i * w_i) * 0   otherwise
+//   q_i     = r(r(share_i * w_i) / d)  DARE with rescale,  r(share_i * w_i)  otherwise
+//   d t_i   = k_i ? q_i : q_i * 0
 //   d w_i  += share_i * v_i
 // where r() rounds to the task dtype: autograd casts the gradient of the task-dtype pruned
-// tensor to that dtype before the division by the density, as the forward rounds x / d. A
-// dropped entry's gradient is multiplied by 0, not replaced by 0, as tensor * mask is. The
-// kernels round (and store, NaN canonical as every result) in their own way: value_gradient,
-// r(), masked_gradient, r().
+// tensor to that dtype before the division by the density, as the forward rounds x / d, and
+// the division comes before the mask (the gradient of (tensor * mask) / d). A dropped entry's
+// gradient is q_i multiplied by 0, not replaced by 0, as tensor * mask is: an Inf from the
+// division gives NaN there. The kernels round (and store, NaN canonical as every result) in
+// their own way: value_gradient, r(), rescaled_gradient, r(), masked_gradient.
 
 // The elected share of the incoming gradient (before the election bit).
 template <typename acc_t>
@@ -178,12 +188,17 @@ LM_HOST_DEVICE acc_t value_gradient(acc_t share, acc_t w) {
   return share * w;
 }
 
-// A task's gradient from its value gradient rounded to the task dtype: divided by the
-// density where kept with DARE's rescale, multiplied by 0 where dropped.
+// DARE's rescale: the rounded value gradient divided by the density (then rounded again).
 template <typename acc_t>
-LM_HOST_DEVICE acc_t masked_gradient(acc_t rounded, bool kept, bool rescale, acc_t density) {
-  const acc_t kept_grad = rescale ? rounded / density : rounded;
-  return kept ? kept_grad : rounded * acc_t(0);
+LM_HOST_DEVICE acc_t rescaled_gradient(acc_t rounded, acc_t density) {
+  return rounded / density;
+}
+
+// A task's gradient from q (the rounded, and with DARE's rescale rescaled and rounded, value
+// gradient): q where kept, q * 0 where dropped.
+template <typename acc_t>
+LM_HOST_DEVICE acc_t masked_gradient(acc_t q, bool kept) {
+  return kept ? q : q * acc_t(0);
 }
 
 template <typename acc_t>

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kMergeThreads, 2)
   using Shape = MergeShape<scalar_t, acc_t>;
   constexpr int kElems = Shape::kElems;
   constexpr int kAhead = Shape::kAhead;
-  using Accumulator = MergeAccumulator<acc_t, E>;
+  using Accumulator = MergeAccumulator<acc_t, typename OpMath<scalar_t>::type, E>;
 
   const unsigned char* table = p.table_device != nullptr ? p.table_device : p.table_inline;
   const MergeGroup* groups = reinterpret_cast<const MergeGroup*>(table + p.groups_offset);

@@ -102,9 +102,14 @@ __global__ void __launch_bounds__(kGradLanes)
   acc_t share[kGradLaneSteps];
   uint32_t positive = 0;  // bit k: the elected sign of element k is +1
   if constexpr (kElects) {
-    acc_t score[kGradLaneSteps], pos_count[kGradLaneSteps], neg_count[kGradLaneSteps];
+    using vote_t = typename OpMath<scalar_t>::type;
+    vote_t score[kGradLaneSteps];
+    acc_t pos_count[kGradLaneSteps], neg_count[kGradLaneSteps];
 #pragma unroll
-    for (int k = 0; k < kGradLaneSteps; ++k) score[k] = pos_count[k] = neg_count[k] = acc_t(0);
+    for (int k = 0; k < kGradLaneSteps; ++k) {
+      score[k] = vote_t(0);
+      pos_count[k] = neg_count[k] = acc_t(0);
+    }
     for (int t = 0; t < group.num_tasks; ++t) {
       const GradTask task = tasks[group.first_task + t];
       const TaskKeep<scalar_t> keep(p, task, group.seed, t);
@@ -116,7 +121,7 @@ __global__ void __launch_bounds__(kGradLanes)
           const scalar_t xj = x[j];
           const acc_t v = pruned_value<scalar_t, acc_t>(
               static_cast<acc_t>(xj), keep.keeps(xj, p.index_offset + j), rescale, density);
-          score[k] += election_term<acc_t, E>(v);
+          add_vote<acc_t, vote_t, E>(score[k], v);
           pos_count[k] += v > acc_t(0) ? acc_t(1) : acc_t(0);
           neg_count[k] += v < acc_t(0) ? acc_t(1) : acc_t(0);
         }
@@ -152,8 +157,9 @@ __global__ void __launch_bounds__(kGradLanes)
           s = task_share(share[k], agrees_with_majority(v, ((positive >> k) & 1u) != 0));
         }
         if (dx != nullptr) {
-          const acc_t rounded = static_cast<acc_t>(static_cast<scalar_t>(value_gradient(s, w)));
-          dx[j] = output_value<scalar_t>(masked_gradient(rounded, kept, rescale, density));
+          acc_t q = static_cast<acc_t>(static_cast<scalar_t>(value_gradient(s, w)));
+          if (rescale) q = static_cast<acc_t>(static_cast<scalar_t>(rescaled_gradient(q, density)));
+          dx[j] = output_value<scalar_t>(masked_gradient(q, kept));
         }
         sum += weight_gradient_term(s, v);
       }

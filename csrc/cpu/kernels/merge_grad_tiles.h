@@ -139,12 +139,10 @@ inline void store_task_gradient(const TileGrad& m, int64_t t, int64_t base, int6
   for (int64_t j = 0; j < len; ++j) grad[j] = value_gradient(s[j], w);
   round_to_task_dtype<scalar_t>(grad, len);
   if (m.rescale && m.pruning == Pruning::kRandom) {
-    for (int64_t j = 0; j < len; ++j)
-      grad[j] = masked_gradient(grad[j], keep[j] != 0, true, density);
-  } else {
-    for (int64_t j = 0; j < len; ++j)
-      grad[j] = masked_gradient(grad[j], keep[j] != 0, false, density);
+    for (int64_t j = 0; j < len; ++j) grad[j] = rescaled_gradient(grad[j], density);
+    round_to_task_dtype<scalar_t>(grad, len);
   }
+  for (int64_t j = 0; j < len; ++j) grad[j] = masked_gradient(grad[j], keep[j] != 0);
   store_run(grad, len, static_cast<scalar_t*>(m.task_grads[t]) + base);
 }
 
@@ -177,13 +175,18 @@ void merge_grad_blocks_typed(const TileGrad& m, int64_t block_begin, int64_t blo
         load_grad_tile(m, base, len, g);
         if constexpr (kElects) {
           // First pass: every task's pruned values, the election and each element's share.
-          alignas(64) acc_t score[kTile], pos_count[kTile], neg_count[kTile];
-          for (int64_t j = 0; j < len; ++j) score[j] = pos_count[j] = neg_count[j] = acc_t(0);
+          using vote_t = typename OpMath<scalar_t>::type;
+          alignas(64) vote_t score[kTile];
+          alignas(64) acc_t pos_count[kTile], neg_count[kTile];
+          for (int64_t j = 0; j < len; ++j) {
+            score[j] = vote_t(0);
+            pos_count[j] = neg_count[j] = acc_t(0);
+          }
           for (int64_t t = 0; t < n; ++t) {
             acc_t* __restrict v = scratch.values + t * kTile;
             prune_for_grad<scalar_t>(m, t, base, len, density, scratch.keep + t * kTile, v);
             for (int64_t j = 0; j < len; ++j) {
-              score[j] += election_term<acc_t, E>(v[j]);
+              add_vote<acc_t, vote_t, E>(score[j], v[j]);
               pos_count[j] += v[j] > acc_t(0) ? acc_t(1) : acc_t(0);
               neg_count[j] += v[j] < acc_t(0) ? acc_t(1) : acc_t(0);
             }

@@ -258,9 +258,9 @@ constexpr int kTaskBlock = 4;
 // Per-tile accumulator state as arrays (one entry per element of the tile), so that the
 // loops over a tile vectorise; the rule itself is merge_rule.h's.
 // The elected counts are int32 lanes: one integer step a task instead of a mask-and-add.
-template <typename acc_t, SignElection E>
+template <typename acc_t, typename vote_t, SignElection E>
 struct TileState {
-  alignas(64) acc_t score[kTile];
+  alignas(64) vote_t score[kTile];
   alignas(64) acc_t pos_sum[kTile];
   alignas(64) int32_t pos_count[kTile];
   alignas(64) acc_t neg_sum[kTile];
@@ -276,7 +276,8 @@ struct TileState {
     const acc_t* __restrict v2 = v[N > 2 ? 2 : 0];
     const acc_t* __restrict v3 = v[N > 3 ? 3 : 0];
     for (int64_t j = 0; j < len; ++j) {
-      acc_t s = acc_t(0), ps = acc_t(0), ns = acc_t(0);
+      vote_t s = vote_t(0);
+      acc_t ps = acc_t(0), ns = acc_t(0);
       int32_t pc = 0, nc = 0;
       if constexpr (!kFirst) {
         s = score[j];
@@ -285,10 +286,10 @@ struct TileState {
         ns = neg_sum[j];
         nc = neg_count[j];
       }
-      add_elected<acc_t, E>(s, ps, pc, ns, nc, v0[j], w[0]);
-      if constexpr (N > 1) add_elected<acc_t, E>(s, ps, pc, ns, nc, v1[j], w[1]);
-      if constexpr (N > 2) add_elected<acc_t, E>(s, ps, pc, ns, nc, v2[j], w[2]);
-      if constexpr (N > 3) add_elected<acc_t, E>(s, ps, pc, ns, nc, v3[j], w[3]);
+      add_elected<acc_t, vote_t, E>(s, ps, pc, ns, nc, v0[j], w[0]);
+      if constexpr (N > 1) add_elected<acc_t, vote_t, E>(s, ps, pc, ns, nc, v1[j], w[1]);
+      if constexpr (N > 2) add_elected<acc_t, vote_t, E>(s, ps, pc, ns, nc, v2[j], w[2]);
+      if constexpr (N > 3) add_elected<acc_t, vote_t, E>(s, ps, pc, ns, nc, v3[j], w[3]);
       if constexpr (kLast) {
         result[j] = elected_result(s, ps, pc, ns, nc);
       } else {
@@ -302,8 +303,8 @@ struct TileState {
   }
 };
 
-template <typename acc_t>
-struct TileState<acc_t, SignElection::kNone> {
+template <typename acc_t, typename vote_t>
+struct TileState<acc_t, vote_t, SignElection::kNone> {
   alignas(64) acc_t sum[kTile];
 
   template <int N, bool kFirst, bool kLast>
@@ -355,7 +356,7 @@ inline void add_block(State& state, bool first, bool last, int count, const acc_
 template <typename scalar_t, typename acc_t, SignElection E>
 void merge_tiles_typed(const TileMerge& m, int64_t tile_begin, int64_t tile_end) {
   const acc_t density = static_cast<acc_t>(static_cast<typename OpMath<scalar_t>::type>(m.density));
-  TileState<acc_t, E> state;
+  TileState<acc_t, typename OpMath<scalar_t>::type, E> state;
   alignas(64) acc_t pruned[kTaskBlock][kTile];
   alignas(64) acc_t result[kTile];
   const acc_t* values[kTaskBlock];
