@@ -25,12 +25,16 @@ from .strategies import MergeStrategy, strategy_registry
 __version__ = "0.1.0"
 
 
+# Submodules imported on first use, so that ``import lorax_merge`` stays light (``peft``
+# imports PEFT) and ``lorax_merge.delta_adapters.merge_adapters_delta(...)`` works as written.
+_ON_FIRST_USE = frozenset({"cli", "delta", "delta_adapters", "lorax_server", "lowrank", "peft"})
+
+
 def __getattr__(name: str):
-    # ``lorax_merge.peft`` (the PEFT drop-in) is imported on first use: it imports PEFT.
-    if name == "peft":
+    if name in _ON_FIRST_USE:
         import importlib
 
-        return importlib.import_module(".peft", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -49,7 +49,9 @@ _ORIGINAL: dict[str, Any] = {}
 def _lora_model(model: Any) -> Any:
     from peft.tuners.lora import LoraModel
 
-    inner = getattr(model, "base_model", model)
+    # A LoraModel forwards unknown attributes to the model it wraps, and a transformers model
+    # has a `base_model` of its own: unwrap only what is not a LoraModel yet (a PeftModel).
+    inner = model if isinstance(model, LoraModel) else getattr(model, "base_model", model)
     if not isinstance(inner, LoraModel):
         raise ValueError(
             f"model: expected a PeftModel with LoRA adapters (or a LoraModel), got "

@@ -454,3 +454,29 @@ def test_batches_share_dtype_and_device_and_respect_the_limits():
     # every name in exactly one batch, in order
     plan = A.plan_batches(groups, None)
     assert [n for b in plan for n in b.names] == list(groups) and len(plan) == 1
+
+
+def test_the_submodules_are_reachable_from_the_package_alone():
+    """``import lorax_merge`` then ``lorax_merge.delta_adapters.…`` works as the README writes
+    it, and the plain import leaves PEFT unloaded until ``lorax_merge.peft`` is used."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, lorax_merge\n"
+        "assert 'peft' not in sys.modules\n"
+        "assert callable(lorax_merge.delta_adapters.merge_adapters_delta)\n"
+        "assert callable(lorax_merge.lowrank.peft_factors)\n"
+        "assert callable(lorax_merge.lorax_server.merge_module_maps)\n"
+        "assert callable(lorax_merge.delta.merged_delta)\n"
+        "assert callable(lorax_merge.peft.add_weighted_adapter)\n"
+        "try:\n    lorax_merge.no_such_module\nexcept AttributeError:\n    print('ok')\n"
+    )
+    root = str(Path(lorax_merge.__file__).resolve().parent.parent)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -173,8 +173,8 @@ def test_rank_and_svd_driver_reach_the_merge(folders, tmp_path):
 @pytest.mark.parametrize(
     "strategy, extra, message",
     [
-        (FACTOR[0], ["--rank", "4"], "--rank applies to the delta-space strategies"),
-        (FACTOR[1], ["--svd-driver", "exact"], "--svd-driver applies to the delta-space"),
+        (FACTOR[0], ["--rank", "4"], "--rank applies to the strategies cat, svd,"),
+        (FACTOR[1], ["--svd-driver", "exact"], "--svd-driver applies to the strategies svd,"),
         (SVD_TYPES[0], ["--rank", "0"], "--rank must be an integer >= 1, got 0"),
         (SVD_TYPES[0], ["--rank", "-2"], "--rank must be an integer >= 1, got -2"),
         (SVD_TYPES[0], ["--rank", "2.5"], "argument --rank: invalid int value"),

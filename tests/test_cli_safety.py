@@ -689,6 +689,34 @@ def test_sigterm_after_the_commit_reports_success(adapter, tmp_path):
     assert (out / ST_NAME).is_file()
 
 
+_SIGNALLED_AT_SHUTDOWN = """
+import os, signal, sys, time
+from lorax_merge.cli import main
+
+code = main()
+for sig in (signal.SIGTERM, signal.SIGINT):  # as the interpreter shuts down
+    os.kill(os.getpid(), sig)
+time.sleep(0.5)
+sys.exit(code)
+"""
+
+
+def test_signals_after_a_successful_command_leave_its_exit_code_0(adapter, tmp_path):
+    script = tmp_path / "lorax-merge"  # what pip writes for the console script
+    script.write_text(_SIGNALLED_AT_SHUTDOWN)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(adapter), "-o", str(out), "--strategy", "linear"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert (out / ST_NAME).is_file()
+
+
 def test_sigterm_during_the_commit_waits_for_it(adapter, tmp_path, monkeypatch):
     """A signal in the middle of the commit is acted on once the commit is done: here after
     the new adapter is in place, so the run succeeds."""

@@ -322,6 +322,40 @@ def test_patch_makes_the_peft_method_ours():
         assert torch.equal(product(layer, "new"), product(layers(expected)[key], "new"))
 
 
+def test_patch_and_the_function_work_on_a_transformers_model():
+    """On a PeftModel over a transformers model, whose LoraModel passes unknown attributes on
+    to a model with a `base_model` of its own: the patched method, the PeftModel and the
+    LoraModel give the same merged adapter."""
+    from adapter_tools import examples
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(examples().build_base_model(), config, adapter_name="a")
+        model.add_adapter("b", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    for layer in layers(model).values():
+        for name in "ab":
+            nn.init.normal_(layer.lora_B[name].weight)
+    args = (["a", "b"], [1.0, 0.5], "new", "ties_svd")
+    kwargs = {"density": 0.5, "seed": 7}
+    via_peft_model, via_lora_model = copy.deepcopy(model), copy.deepcopy(model)
+    lm_peft.add_weighted_adapter(via_peft_model, *args, **kwargs)
+    lm_peft.add_weighted_adapter(via_lora_model.base_model, *args, **kwargs)
+    lorax_merge.peft.patch()
+    try:
+        model.add_weighted_adapter(*args, **kwargs)
+    finally:
+        lorax_merge.peft.unpatch()
+    merged = layers(model)
+    assert {key.rsplit(".", 1)[-1] for key in merged} == {"q_proj", "v_proj"}
+    for other in (via_peft_model, via_lora_model):
+        assert layers(other).keys() == merged.keys()
+        for key, layer in layers(other).items():
+            assert torch.equal(bits(product(layer, "new")), bits(product(merged[key], "new")))
+    assert all(torch.count_nonzero(product(layer, "new")) > 0 for layer in merged.values())
+
+
 def test_a_rank_above_a_module_size_is_zero_padded_where_peft_fails():
     """The 1x1 conv is 6 x 10: rank 9 keeps its 6 singular triplets and pads the rest."""
     model = build((4, 6, 2))

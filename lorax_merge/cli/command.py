@@ -400,6 +400,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(f"unexpected error: {type(exc).__name__}: {exc}")
         return 1
     finally:
+        # Started as the command, a run whose adapter is in place has succeeded: the signals
+        # stay ignored for the interpreter's shutdown (most of a second), which a signal would
+        # otherwise turn into exit status 130 or 143. Called as a library, the caller's
+        # handlers come back.
+        succeeded = guard.committed and _cli_startup._started_as_command()
         for signum, handler in previous.items():
-            if handler is not None:
+            if succeeded:
+                signal.signal(signum, signal.SIG_IGN)
+            elif handler is not None:
                 signal.signal(signum, handler)

@@ -48,12 +48,14 @@ def check_options(args: argparse.Namespace, device: Any) -> None:
     with a delta-space strategy, a rank below 1 and a driver that does not exist on ``device``."""
     strategy, spec = args.strategy, STRATEGIES[args.strategy]
     if spec.space != "delta":
-        for option, value in (("--rank", args.rank), ("--svd-driver", args.svd_driver)):
+        for option, value, applies_to in (
+            ("--rank", args.rank, DELTA_SPACE),
+            ("--svd-driver", args.svd_driver, SVD_STRATEGIES),
+        ):
             if value is not None:
                 raise CliError(
-                    f"{option} applies to the delta-space strategies ({', '.join(DELTA_SPACE)}) "
-                    f"only; {strategy} merges the LoRA factors element by element and keeps "
-                    "their rank r"
+                    f"{option} applies to the strategies {', '.join(applies_to)} only; "
+                    f"{strategy} merges the LoRA factors element by element and keeps their rank r"
                 )
         return
     if args.weighting is not None:
