@@ -10,6 +10,8 @@ objective is smooth in the weights for a fixed seed.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,7 @@ from ._validation import (
     check_density,
     check_majority_sign_method,
     check_strategy,
+    describe,
     in_task_dtype,
 )
 from .adapter_configs import adapter_labels
@@ -70,6 +73,47 @@ class LearnedWeights:
         if not self.modules:
             return self.weights
         return self.weights[self.modules.index(module)]
+
+
+def _check_l1(l1: object) -> float:
+    if isinstance(l1, bool) or not isinstance(l1, numbers.Real):
+        raise TypeError(f"l1 must be a real number, got {describe(l1)}")
+    value = float(l1)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"l1 must be a finite number >= 0, got {value}")
+    return value
+
+
+def _initial_weights(init: object, count: int) -> torch.Tensor:
+    """``init`` as a tensor of ``count`` real numbers (``1/count`` each when None)."""
+    if init is None:
+        return torch.full((count,), 1.0 / count, device="cpu")
+    try:
+        start = torch.as_tensor(init, device=init.device if torch.is_tensor(init) else "cpu")
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(
+            f"init must be a tensor or a sequence of numbers, got {describe(init)}"
+        ) from error
+    if start.dtype == torch.bool or start.is_complex():
+        raise TypeError(f"init must hold real numbers, got dtype {start.dtype}")
+    if start.numel() != count:
+        raise ValueError(f"init has {start.numel()} values but there are {count} adapters")
+    return start
+
+
+def _depends_on(loss: torch.Tensor, leaf: torch.Tensor) -> bool:
+    """Whether ``loss``'s autograd graph reaches ``leaf``: a walk over the recorded graph, with no
+    forward or backward pass."""
+    stack, seen = [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "variable", None) is leaf:  # the leaf's AccumulateGrad
+            return True
+        stack.extend(child for child, _ in node.next_functions)
+    return False
 
 
 class _MergePlan:
@@ -133,18 +177,21 @@ def learn_weights(
             None draws one seed for the whole run (reported in the result).
         per_module: learn one weight per adapter and module (see :func:`module_name`) instead of
             one per adapter.
-        init: initial weights, N values (shared by every module); default ``1/N`` each.
+        init: initial weights, N real numbers (shared by every module); default ``1/N`` each.
         steps: number of optimisation steps.
         lr: Adam's learning rate.
-        l1: weight of an L1 penalty ``l1 * sum |w|`` added to the loss (LoraHub's regulariser);
-            the reported losses do not include it.
+        l1: weight of an L1 penalty ``l1 * sum |w|`` added to the loss (LoraHub's regulariser),
+            a finite number >= 0; the reported losses do not include it.
 
     Returns:
         A :class:`LearnedWeights` with the weights, the loss history and the merged adapter.
 
     Raises:
-        ValueError, TypeError: no adapters or batches, bad strategy parameters, ``init`` of the
-            wrong length, or a loss that is not a scalar.
+        ValueError, TypeError: naming the argument: no adapters or batches, bad strategy
+            parameters, ``init`` of the wrong length or not real (complex or bool), a
+            ``per_module`` that is not a bool, an ``l1`` that is not a finite number >= 0, or a
+            loss that is not a scalar or does not depend on the weights (computed without
+            autograd, or not from ``merged``).
     """
     if isinstance(adapters, Mapping) or not isinstance(adapters, Sequence) or not adapters:
         raise ValueError("adapters: expected a non-empty sequence of state dicts")
@@ -152,22 +199,19 @@ def learn_weights(
         raise ValueError("batches: expected a non-empty sequence (use [None] for no data)")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if not isinstance(per_module, bool):
+        raise TypeError(f"per_module must be a bool, got {describe(per_module)}")
+    l1 = _check_l1(l1)
     random = check_strategy(strategy).is_random  # a factor-space strategy
     density = check_density(density)
     majority_sign_method = check_majority_sign_method(majority_sign_method)
     seed = check_seed(seed)
     if random and seed is None:
         seed = draw_seed()
-    count = len(adapters)
+    start = _initial_weights(init, len(adapters))
     plan = _MergePlan(adapters)
 
-    if init is None:
-        start = torch.full((count,), 1.0 / count, device="cpu")
-    else:
-        start = torch.as_tensor(init, device=init.device if torch.is_tensor(init) else "cpu")
     start = start.detach().to(device=plan.device, dtype=torch.float32).reshape(-1)
-    if start.numel() != count:
-        raise ValueError(f"init has {start.numel()} values but there are {count} adapters")
     if per_module:
         start = start.repeat(len(plan.modules), 1)
     weights = torch.nn.Parameter(start.clone())
@@ -190,6 +234,11 @@ def learn_weights(
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn must return a scalar tensor")
         losses.append(float(loss.detach()))
+        if not _depends_on(loss, weights):
+            raise ValueError(
+                "loss_fn: the loss does not depend on the weights; compute it from `merged`, "
+                "with autograd enabled"
+            )
         if l1:
             loss = loss + l1 * weights.abs().sum()
         loss.backward()

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from ._validation import MAJORITY_SIGN_METHODS
+from ._validation import MAJORITY_SIGN_METHODS, check_density
 from .adapter_configs import adapter_labels, config_value, merge_adapter_configs
 from .adapters import merge_adapters
-from .strategy_table import strategy_names
+from .strategy_table import STRATEGIES, strategy_names
 
 __all__ = ["LORAX_MAJORITY_SIGN_METHODS", "LORAX_MERGE_STRATEGIES", "merge_module_maps"]
 
@@ -59,8 +59,9 @@ def merge_module_maps(
         merge_params: LoRAX's ``AdapterParameters`` (or any object or mapping with ``weights``,
             ``merge_strategy``, ``density`` and ``majority_sign_method``); the two enums may be
             given by value (``TIES`` = 1) or by name.  Empty ``weights`` mean all ones.
-            ``density`` is ignored by the strategies that do not prune (``linear``), as in the
-            server.  Its ``adapter_ids``, one per adapter, name the adapters in error messages.
+            ``density`` is ignored, and not checked, by the strategies that do not prune
+            (``linear``), as in the server.  Its ``adapter_ids``, one per adapter, name the
+            adapters in error messages.
         seed: merge seed of ``dare_linear`` / ``dare_ties``; each tensor uses
             ``derive_tensor_seed(seed, param_name)``, as ``lorax-merge --seed`` does for the same
             adapter files.  None draws one from torch's default generator.
@@ -76,7 +77,8 @@ def merge_module_maps(
     Raises:
         ValueError, TypeError: before anything is merged, naming the adapter (by its id), the
             tensor or the argument: differing ranks, no target modules, tensors of one name with
-            different shapes, tensors that are not floating-point, unknown enum values.
+            different shapes, tensors that are not floating-point, unknown enum values, a
+            ``density`` that is not a real number >= 0 where the strategy prunes.
     """
     adapters = list(adapters)
     if not adapters:
@@ -90,7 +92,8 @@ def merge_module_maps(
         "majority_sign_method",
     )
     weights = [float(w) for w in (config_value(merge_params, "weights", None) or [])] or None
-    density = float(config_value(merge_params, "density", 1.0))
+    density = config_value(merge_params, "density", 1.0)
+    density = check_density(density) if STRATEGIES[strategy].uses_density else 1.0
     names = _adapter_names(merge_params, len(adapters))
     labels = adapter_labels(names, len(adapters))
     merged_config = merge_adapter_configs([config for _, config in adapters], names)

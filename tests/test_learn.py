@@ -111,3 +111,86 @@ def test_bad_arguments():
         lorax_merge.learn_weights(adapters, loss, [None], strategy="nope")
     with pytest.raises(ValueError, match="scalar"):
         lorax_merge.learn_weights(adapters, lambda m, b: m[NAMES[0]], [None], steps=1)
+
+
+@pytest.mark.parametrize("l1", [-1.0, -1e-9, float("nan"), float("inf")])
+def test_an_l1_that_is_negative_or_not_finite_is_refused_by_name(l1):
+    adapters = _adapters()
+    with pytest.raises(ValueError, match="l1 must be a finite number >= 0"):
+        lorax_merge.learn_weights(adapters, _distance_loss(adapters[0]), [None], steps=1, l1=l1)
+
+
+@pytest.mark.parametrize(
+    "l1", ["0.1", None, True, torch.tensor(0.1)], ids=["str", "None", "bool", "tensor"]
+)
+def test_an_l1_that_is_not_a_real_number_is_refused_by_name(l1):
+    adapters = _adapters()
+    with pytest.raises(TypeError, match="l1 must be a real number"):
+        lorax_merge.learn_weights(adapters, _distance_loss(adapters[0]), [None], steps=1, l1=l1)
+
+
+@pytest.mark.parametrize(
+    "init",
+    [
+        torch.tensor([0.5 + 1j, 0.25, 0.25]),
+        [0.5j, 0.25, 0.25],
+        torch.tensor([True, False, True]),
+    ],
+    ids=["complex tensor", "complex numbers", "bool tensor"],
+)
+def test_an_init_that_is_not_real_is_refused_by_name_rather_than_cut_to_its_real_part(init):
+    adapters = _adapters()
+    with pytest.raises(TypeError, match="init must hold real numbers"):
+        lorax_merge.learn_weights(adapters, _distance_loss(adapters[0]), [None], steps=1, init=init)
+
+
+def test_an_init_that_is_not_numbers_is_refused_by_name():
+    adapters = _adapters()
+    with pytest.raises(TypeError, match="init must be a tensor or a sequence of numbers"):
+        lorax_merge.learn_weights(adapters, _distance_loss(adapters[0]), [None], init="abc")
+
+
+@pytest.mark.parametrize("per_module", ["yes", 1, None])
+def test_a_per_module_that_is_not_a_bool_is_refused_by_name(per_module):
+    adapters = _adapters()
+    with pytest.raises(TypeError, match="per_module must be a bool"):
+        lorax_merge.learn_weights(
+            adapters, _distance_loss(adapters[0]), [None], steps=1, per_module=per_module
+        )
+
+
+def _constant_loss(merged, batch):
+    return torch.tensor(1.0)
+
+
+def _detached_loss(merged, batch):
+    return merged[NAMES[0]].detach().square().mean()
+
+
+def _no_grad_loss(merged, batch):
+    with torch.no_grad():
+        return merged[NAMES[0]].square().mean()
+
+
+_other = torch.nn.Parameter(torch.ones(3))
+
+
+def _other_parameter_loss(merged, batch):
+    return (_other * 2).sum()  # depends on a parameter, not on the merge weights
+
+
+@pytest.mark.parametrize("l1", [0.0, 0.1])
+@pytest.mark.parametrize(
+    "loss_fn", [_constant_loss, _detached_loss, _no_grad_loss, _other_parameter_loss]
+)
+def test_a_loss_that_does_not_depend_on_the_weights_is_refused_naming_loss_fn(loss_fn, l1):
+    with pytest.raises(ValueError, match="loss_fn: the loss does not depend on the weights"):
+        lorax_merge.learn_weights(_adapters(), loss_fn, [None], steps=2, l1=l1)
+
+
+def test_a_loss_whose_gradient_is_zero_still_depends_on_the_weights():
+    result = lorax_merge.learn_weights(
+        _adapters(), lambda m, b: m[NAMES[0]].sum() * 0, [None], steps=2
+    )
+    assert result.losses == [0.0, 0.0]
+    assert torch.equal(result.weights, torch.full((3,), 1 / 3))  # Adam does not move at grad 0

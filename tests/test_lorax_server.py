@@ -148,6 +148,26 @@ def test_a_negative_density_is_refused_where_the_strategy_prunes(strategy, optio
         ours(option, pairs, params)
 
 
+@pytest.mark.parametrize("density", [None, "abc", "0.5"])
+def test_linear_reads_no_density_from_a_mapping_request(density):
+    # A mapping request holds whatever the caller put there; linear reads none of it.
+    pairs = adapter_pairs("overlapping", DTYPES["mixed"])
+    expected = server.merge_adapters(pairs, request(3, "LINEAR"))[0]
+    params = {**by_name(request(3, "LINEAR")), "density": density}
+    assert_maps_same_bits(A.merge_module_maps(pairs, params)[0], expected)
+
+
+@pytest.mark.parametrize("strategy", ["TIES", "DARE_LINEAR", "DARE_TIES"])
+@pytest.mark.parametrize("density", [None, "abc", "0.5", True])
+def test_a_density_that_is_not_a_number_is_refused_by_name_where_the_strategy_prunes(
+    strategy, density
+):
+    pairs = adapter_pairs("overlapping", DTYPES["float32"])
+    params = {**by_name(request(3, strategy)), "density": density}
+    with pytest.raises(TypeError, match="density must be a real number"):
+        A.merge_module_maps(pairs, params, seed=0)
+
+
 @pytest.mark.parametrize("method", ["total", "frequency"])
 def test_the_helpers_take_mixed_dtype_tasks_as_the_server_passes_them(method):
     # The server prunes each task in its own dtype and stacks them (torch.stack promotes).

@@ -13,6 +13,7 @@ import upstream
 from helpers import bernoulli_returns, tie_free, tie_heavy
 from lorax_server_cases import (
     DTYPES,
+    LAYERS,
     OUT_FEATURES,
     RANK,
     SEED,
@@ -21,6 +22,7 @@ from lorax_server_cases import (
     assert_maps_same_bits,
     assert_same_bits,
     dare_masks,
+    group_weights,
     ours,
     param_name,
     request,
@@ -151,9 +153,17 @@ def test_a_nan_votes_in_our_frequency_election_and_not_in_the_servers():
     assert_same_bits(got.merge(tasks, weights), expected.merge(tasks, weights))
 
 
-def test_16_bit_weights_accumulate_in_float32_where_the_server_rounds_each_step():
+# weights whose dtype does not widen bfloat16 tasks: their own dtype, or an integer dtype
+NARROW_WEIGHTS = {
+    "bfloat16": torch.tensor(WEIGHTS, dtype=torch.bfloat16),
+    "int64": torch.tensor([1, -2, 3]),
+}
+
+
+@pytest.mark.parametrize("weights", list(NARROW_WEIGHTS))
+def test_narrow_weights_accumulate_in_float32_where_the_server_rounds_each_step(weights):
     tasks = [tie_free((32, 40), torch.bfloat16, seed=i) for i in range(3)]
-    weights = torch.tensor(WEIGHTS, dtype=torch.bfloat16)
+    weights = NARROW_WEIGHTS[weights]
     got = strategy_registry["linear"]().merge(tasks, weights)
     theirs = server.server_registry()["linear"]().merge(tasks, weights)
     exact = -torch.zeros(tasks[0].shape)
@@ -164,13 +174,19 @@ def test_16_bit_weights_accumulate_in_float32_where_the_server_rounds_each_step(
     assert not torch.equal(got, theirs)  # the server rounds every product and partial sum
 
 
-def test_ties_with_16_bit_weights_keeps_the_weights_dtype_where_the_server_gives_float32():
+@pytest.mark.parametrize("strategy", ["ties", "dare_ties"])
+@pytest.mark.parametrize("weights", list(NARROW_WEIGHTS))
+def test_ties_with_narrow_weights_keeps_the_tasks_dtype_where_the_server_gives_float32(
+    weights, strategy
+):
     tasks = [tie_free((32, 40), torch.bfloat16, seed=i) for i in range(3)]
-    weights = torch.tensor(WEIGHTS, dtype=torch.bfloat16)
-    got = strategy_registry["ties"](density=0.5).merge(tasks, weights)
-    theirs = server.server_registry()["ties"](density=0.5).merge(tasks, weights)
+    weights = NARROW_WEIGHTS[weights]
+    got = strategy_registry[strategy](density=0.5, seed=SEED).merge(tasks, weights)
+    theirs = server.server_registry()[strategy](density=0.5).merge(tasks, weights)
     assert got.dtype == torch.bfloat16 and theirs.dtype == torch.float32
-    wide = lorax_merge.merge(tasks, weights, "ties", density=0.5, out_dtype=torch.float32)
+    wide = lorax_merge.merge(
+        tasks, weights, strategy, density=0.5, seed=SEED, out_dtype=torch.float32
+    )
     assert_same_bits(got, wide.to(torch.bfloat16))
 
 
@@ -192,7 +208,7 @@ def test_a_sum_of_negative_zeros_is_negative_zero_here_and_positive_zero_in_the_
 @pytest.mark.parametrize("count", [2, 4, 5, 9])
 def test_adapters_are_summed_one_after_the_other(count):
     # torch's CPU sum(dim=0) does the same for up to four adapters; with more, some elements
-    # (those past the last full vector) are summed in another order: last-bit differences.
+    # (those past the last full vector) are summed in another order: rounding differences.
     tasks = [tie_free((33, 17), torch.float32, seed=i) * 10.0 ** (i % 3) for i in range(count)]
     weights = torch.tensor([(-1.0) ** i * (0.5 + i / 8) for i in range(count)])
     got = strategy_registry["linear"]().merge(tasks, weights)
@@ -210,6 +226,73 @@ def test_adapters_are_summed_one_after_the_other(count):
             * sum((t * w).abs() for t, w in zip(tasks, weights))
         )
         assert bool(((got - theirs).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("strategy", ["ties", "dare_ties"])
+def test_with_five_adapters_the_order_of_the_sum_can_elect_the_other_sign(strategy):
+    # One element: past any full vector.  In order, 1e8 - 1 rounds to 1e8 and the total is 0:
+    # +1 is elected; torch's sum(dim=0) comes out negative: -1 is elected.
+    tasks = [torch.full((1,), v) for v in (1e8, -1.0, 0.5, 0.25, -1e8)]
+    weights = torch.ones(5)
+    got = strategy_registry[strategy](density=1.0, seed=SEED).merge(tasks, weights)
+    theirs = server.server_registry()[strategy](density=1.0).merge(tasks, weights)
+    assert got.item() == 33333334.0  # (1e8 + 0.5 + 0.25) / 3
+    assert theirs.item() == -50000000.0  # (-1 - 1e8) / 2
+    # the frequency election sums signs, exactly in any order
+    got = strategy_registry[strategy](density=1.0, majority_sign_method="frequency", seed=SEED)
+    expected = server.server_registry()[strategy](density=1.0, majority_sign_method="frequency")
+    assert_same_bits(got.merge(tasks, weights), expected.merge(tasks, weights))
+
+
+def canonical_nan_bits(t: torch.Tensor) -> torch.Tensor:
+    """Whether each entry holds float32's canonical NaN, 0x7FFFFFFF."""
+    return t.view(torch.int32) == 0x7FFFFFFF
+
+
+@pytest.mark.parametrize("option", [1, 2])
+@pytest.mark.parametrize("strategy", ["LINEAR", "TIES"])
+def test_a_nan_is_the_canonical_nan_here_and_the_device_s_nan_in_the_server(strategy, option):
+    pairs = adapter_pairs("overlapping", DTYPES["float32"])
+    payload = torch.tensor(0x7FC00123, dtype=torch.int32).view(torch.float32)
+    for i, (module_map_, _) in enumerate(pairs):
+        for entries in module_map_.values():
+            a = entries["lora_A"][0]
+            a[0, 0] = float("inf")  # weights of both signs: inf - inf
+            a[1, 0] = payload if i == 0 else 1.0  # a NaN with a payload
+    params = request(3, strategy, 1.0)
+    expected = server.merge_adapters(pairs, params)[0]
+    got = ours(option, pairs, params)[0]
+    assert_maps_same_bits(got, expected)  # NaN where the server has NaN
+    for weight_name in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"):
+        mine, theirs = got[weight_name]["lora_A"][0], expected[weight_name]["lora_A"][0]
+        nan = torch.isnan(theirs)
+        assert nan[:2, 0].all() and int(nan.sum()) == 2
+        assert bool(canonical_nan_bits(mine)[nan].all())
+        assert not bool(canonical_nan_bits(theirs)[nan].any())
+
+
+def test_strategies_built_once_with_a_seed_drop_the_same_entries_of_every_tensor_of_a_shape():
+    # The server builds the strategy once per request: with seed=S every lora_A (all of one
+    # shape) gets the same masks.  Built per tensor with derive_tensor_seed(S, param_name), each
+    # gets its own, Option 1's.
+    pairs = adapter_pairs("overlapping", DTYPES["float32"])
+    params = request(3, "DARE_LINEAR", 0.5)
+    q_proj = [f"model.layers.{layer}.self_attn.q_proj" for layer in range(LAYERS)]
+
+    def dropped(merged, weight_name):  # by both adapters that have q_proj
+        return merged[weight_name]["lora_A"][0] == 0
+
+    built_once, option_1 = ours(2, pairs, params)[0], ours(1, pairs, params)[0]
+    assert 0 < int(dropped(built_once, q_proj[0]).sum())
+    assert torch.equal(dropped(built_once, q_proj[0]), dropped(built_once, q_proj[1]))
+    assert not torch.equal(dropped(option_1, q_proj[0]), dropped(option_1, q_proj[1]))
+    by_name = {name: t for by_k in option_1.values() for t, name in by_k.values()}
+    for name, tensors in server.merge_order(pairs):
+        per_tensor = strategy_registry["dare_linear"](
+            density=0.5, seed=lorax_merge.derive_tensor_seed(SEED, name)
+        )
+        weights = torch.tensor(group_weights(pairs, name, params))
+        assert_same_bits(per_tensor.merge(tensors, weights), by_name[name], name)
 
 
 def test_bad_inputs_are_refused_naming_the_adapter_and_tensor_where_the_server_fails_in_torch():
