@@ -2,8 +2,8 @@
 
 ``add_weighted_adapter(model, ...)`` takes the arguments of
 ``PeftModel.add_weighted_adapter`` (PEFT 0.21) and adds the same adapter: same config (``r``,
-``lora_alpha = r``, union of ``target_modules``), same factor layout, same refusals. An
-existing PEFT program switches with one line::
+``lora_alpha = r``, union of ``target_modules``; ``use_rslora = False``, see below), same factor
+layout, same refusals. An existing PEFT program switches with one line::
 
     import lorax_merge.peft; lorax_merge.peft.patch()   # model.add_weighted_adapter(...) is ours
 
@@ -19,6 +19,10 @@ What differs, on purpose:
 * Bad arguments are refused before the model changes (PEFT adds the adapter, then fails), with
   ``ValueError``: a missing density, ``svd_rank < 1``, a weight count that does not match.
 * Non-finite factors give NaN (the whole module for the SVD types) instead of an SVD error.
+* The merged adapter has ``use_rslora = False``: every type folds each adapter's scaling into the
+  factors, so the result must be scaled by exactly 1 (``lora_alpha = r``). PEFT keeps the first
+  adapter's flag, and with an rsLoRA first adapter its merge applies ``sqrt(r)`` times the
+  merged delta.
 
 Linear, Embedding and Conv2d LoRA layers (``fan_in_fan_out`` too) take the fast path; other
 LoRA layer types are merged by PEFT's own per-module code.
@@ -282,6 +286,7 @@ def add_weighted_adapter(
         lora_model.peft_config[adapters[0]],
         r=new_rank,
         lora_alpha=new_rank,
+        use_rslora=False,  # the scalings are folded into the factors: scaling 1, not sqrt(r)
         target_modules=new_target_modules,
         alpha_pattern={},
         rank_pattern={},
