@@ -199,7 +199,9 @@ def merge_lora_module(
             from ``w_i s_i B_i A_i`` as the strategy says.
         strategy: ``cat``, ``svd``, ``ties_svd``, ``dare_ties_svd``, ``dare_linear_svd`` or
             ``magnitude_prune_svd``.
-        rank: rank of the result. ``cat`` needs at least ``sum r_i`` (zero-padded above it).
+        rank: rank of the result. ``cat`` needs at least ``sum r_i`` (zero-padded above it);
+            it scales each ``A_i`` by ``w_i s_i`` in the compute dtype (``out_dtype`` if wider),
+            then rounds once to ``out_dtype``.
         density, majority_sign_method, seed: as in :func:`lorax_merge.merge`, for the strategies
             that prune; ``seed=None`` draws a DARE seed from torch's default generator.
         svd_driver: ``None``: the fast exact factor-space SVD for ``svd``, the randomized range
@@ -231,8 +233,12 @@ def merge_lora_module(
         total = sum(a.shape[0] for a in lora_a)
         if rank < total:
             raise ValueError(f"rank: cat keeps every adapter's rank, needs >= {total}, got {rank}")
-        # PEFT's arithmetic: A_i * w_i * s_i in the factors' dtype.
-        cat_a = torch.cat([a * float(w) * float(s) for a, w, s in zip(lora_a, weights, scalings)])
+        # PEFT's arithmetic, A_i * w_i * s_i, but in the compute dtype (or a wider output
+        # dtype): half-precision factors would overflow or round before the cast.
+        work = torch.promote_types(dtype, compute_dtype(*lora_a, *lora_b))
+        cat_a = torch.cat(
+            [a.to(work) * float(w) * float(s) for a, w, s in zip(lora_a, weights, scalings)]
+        )
         cat_b = torch.cat(list(lora_b), dim=1)
         return _padded_concat(cat_a, cat_b, rank, dtype)
 

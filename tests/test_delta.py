@@ -151,6 +151,22 @@ def test_cat_is_the_exact_sum_at_the_sum_of_the_ranks(device):
         delta.merge_lora_module(a, b, s, w, "cat", rank=17)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cat_of_half_precision_factors_scales_them_in_float32(dtype):
+    """The default float32 result: each ``A_i * w_i * s_i`` is the float32 product of the
+    half-precision values (bit for bit), not a half-precision one that overflows or rounds."""
+    a, b, s, w = _module(dtype=dtype)
+    a[0] = a[0] * 1000  # w * s * A: about 1.6e3 * 1e3 * 4, beyond float16's 65504
+    w = [w[0] * 1000, *w[1:]]
+    lora_a, lora_b = delta.merge_lora_module(a, b, s, w, "cat", rank=18)
+    assert lora_a.dtype == torch.float32 and lora_b.dtype == torch.float32
+    expected_a = torch.cat([x.float() * wi * si for x, wi, si in zip(a, w, s)])
+    assert torch.equal(_bits(lora_a), _bits(expected_a))
+    assert torch.equal(_bits(lora_b), _bits(torch.cat(b, dim=1).float()))
+    exact = sum(wi * si * (y.double() @ x.double()) for x, y, si, wi in zip(a, b, s, w))
+    torch.testing.assert_close(lora_b.double() @ lora_a.double(), exact, rtol=1e-6, atol=1e-3)
+
+
 @pytest.mark.parametrize("rank", [1, 5, 18, 25])
 def test_svd_is_the_exact_truncation_whatever_the_ranks(device, rank):
     a, b, s, w = _module(device=device)
