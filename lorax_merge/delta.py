@@ -188,7 +188,7 @@ def merge_lora_module(
     seed: int | None = None,
     svd_driver: str | None = None,
     svd_clamp: float | None = None,
-    svd_full_matrices: bool = True,
+    svd_full_matrices: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge one module of several adapters in delta space; return ``(lora_A, lora_B)``.
@@ -210,8 +210,9 @@ def merge_lora_module(
             ``"gesdd"`` (CPU): that routine for the SVD (the ``R x R`` core for ``svd``, the dense
             delta otherwise).
         svd_clamp: quantile at which both factors are clamped, as in PEFT.
-        svd_full_matrices: passed to ``torch.linalg.svd`` of a dense delta (no effect on the
-            result beyond rounding).
+        svd_full_matrices: passed to ``torch.linalg.svd`` of a dense delta. The kept singular
+            triplets are those of the reduced SVD either way (beyond rounding); ``True`` also
+            computes the unused ``k x k`` (or ``d x d``) basis, as PEFT does by default.
         out_dtype: dtype of the factors (default: float32, or float64 for float64 factors).
 
     Returns:

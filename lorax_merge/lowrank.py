@@ -209,11 +209,12 @@ def refactor_dense(
     rank: int,
     *,
     driver: str | None = None,
-    full_matrices: bool = True,
+    full_matrices: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-``rank`` SVD of a dense merged delta, which it may overwrite.
 
-    ``driver=None`` uses :func:`randomized_svd`, any other driver :func:`dense_svd`. Non-finite
+    ``driver=None`` uses :func:`randomized_svd`, any other driver :func:`dense_svd` (with
+    ``full_matrices``, which changes nothing kept beyond rounding). Non-finite
     entries are zeroed in place before the factorisation and make the whole result NaN.
     """
     finite = _finite_flag(matrix)

@@ -227,15 +227,16 @@ _MEMORY_SCRIPT = textwrap.dedent(
     """
     import gc, json, sys, torch
     from lorax_merge import delta
-    strategy, count, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    strategy, count, d, k, rank = sys.argv[1], *map(int, sys.argv[2:6])
+    driver = None if sys.argv[6] == "None" else sys.argv[6]
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
-    a = [torch.randn(16, d, generator=g) for _ in range(count)]
-    b = [torch.randn(d, 16, generator=g) for _ in range(count)]
+    a = [torch.randn(rank, k, generator=g) for _ in range(count)]
+    b = [torch.randn(d, rank, generator=g) for _ in range(count)]
     args = ([1.0] * count, [0.5] * count, strategy)
-    kw = dict(rank=16, density=0.5, seed=1)
+    kw = dict(rank=rank, density=0.5, seed=1, svd_driver=driver)
     # warm the code paths (thread pool, BLAS and LAPACK buffers) at a size that needs them
-    delta.merge_lora_module([x[:, : d // 2] for x in a], [x[: d // 2] for x in b], *args, **kw)
+    delta.merge_lora_module([x[:, : k // 2] for x in a], [x[: d // 2] for x in b], *args, **kw)
     gc.collect()
     def status_kb(field):
         with open("/proc/self/status") as f:
@@ -247,14 +248,19 @@ _MEMORY_SCRIPT = textwrap.dedent(
     before = status_kb("VmRSS")
     lora_a, lora_b = delta.merge_lora_module(a, b, *args, **kw)
     peak = status_kb("VmHWM")
-    print(json.dumps({"extra_dk": (peak - before) * 1024 / (d * d * 4)}))
+    print(json.dumps({"extra_dk": (peak - before) * 1024 / (d * k * 4)}))
     """
 )
 
 
-def _peak_extra(strategy: str, count: int, d: int) -> float:
+def _peak_extra(
+    strategy: str, count: int, d: int, k: int | None = None, rank: int = 16, driver=None
+) -> float:
+    """Peak resident memory of one module's merge, beyond what it held before, in ``d x k``
+    float32 matrices."""
+    argv = [strategy, count, d, d if k is None else k, rank, driver]
     proc = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT, strategy, str(count), str(d)],
+        [sys.executable, "-c", _MEMORY_SCRIPT, *map(str, argv)],
         capture_output=True,
         text=True,
         cwd=str(ROOT),
@@ -273,6 +279,25 @@ def test_peak_memory_is_bounded_and_independent_of_the_adapter_count(strategy):
     assert three <= 3.0 and eight <= 3.0, (three, eight)
     assert eight <= three + 0.25, (three, eight)  # 5 more dense deltas would add 5.0
     assert three >= 0.9, f"implausibly low measurement: the merged delta alone is 1.0 ({three})"
+
+
+@pytest.mark.parametrize("shape", [(64, 8000), (8000, 64)], ids=["wide", "tall"])
+@pytest.mark.parametrize("driver", ["exact", "gesdd"])
+def test_dense_svd_drivers_compute_only_the_reduced_svd(shape, driver):
+    """The full SVD of a 64 x 8000 delta holds an 8000 x 8000 basis: 125 times the delta."""
+    extra = _peak_extra("ties_svd", 3, *shape, driver=driver)
+    assert 0.9 <= extra <= 8.0, extra
+
+
+def test_the_reduced_dense_svd_keeps_the_full_svds_triplets():
+    a, b, s, w = _module(d=40, k=90)
+    full = delta.merge_lora_module(a, b, s, w, "ties_svd", rank=9, density=0.5,
+                                   svd_driver="exact", svd_full_matrices=True)  # fmt: skip
+    reduced = delta.merge_lora_module(a, b, s, w, "ties_svd", rank=9, density=0.5,
+                                      svd_driver="exact")  # fmt: skip
+    for x, y in zip(full, reduced):
+        assert x.shape == y.shape
+    torch.testing.assert_close(reduced[1] @ reduced[0], full[1] @ full[0], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- whole adapters
