@@ -17,7 +17,8 @@ formed once in the output buffer to find its exact magnitude threshold, then the
 row tiles: every adapter's tile ``s_i B_i[rows] A_i`` is recomputed from the factors and the tiles
 are merged by the fused kernel at their flat-index offset, with the thresholds of the whole
 deltas, so masks, tie cuts and DARE draws are those of a merge of the dense deltas. Peak: the
-merged ``d x k`` buffer, one tile per adapter and the factors.
+merged ``d x k`` buffer, one tile per adapter (at least two rows each) and the factors, then the
+SVD's work (:func:`lorax_merge.lowrank.refactor_dense`).
 """
 
 from __future__ import annotations
@@ -205,10 +206,11 @@ def merge_lora_module(
         density, majority_sign_method, seed: as in :func:`lorax_merge.merge`, for the strategies
             that prune; ``seed=None`` draws a DARE seed from torch's default generator.
         svd_driver: ``None``: the fast exact factor-space SVD for ``svd``, the randomized range
-            finder for the pruned strategies; ``"exact"``: ``torch.linalg.svd`` of the dense merged
-            delta (PEFT's computation); ``"gesvd"``/``"gesvdj"``/``"gesvda"`` (CUDA) or
-            ``"gesdd"`` (CPU): that routine for the SVD (the ``R x R`` core for ``svd``, the dense
-            delta otherwise).
+            finder for the pruned strategies (the exact Gram route for a wide or tall module,
+            see :func:`lorax_merge.lowrank.refactor_dense`); ``"exact"``: ``torch.linalg.svd``
+            of the dense merged delta (PEFT's computation); ``"gesvd"``/``"gesvdj"``/
+            ``"gesvda"`` (CUDA) or ``"gesdd"`` (CPU): that routine for the SVD (the ``R x R``
+            core for ``svd``, the dense delta otherwise).
         svd_clamp: quantile at which both factors are clamped, as in PEFT.
         svd_full_matrices: passed to ``torch.linalg.svd`` of a dense delta. The kept singular
             triplets are those of the reduced SVD either way (beyond rounding); ``True`` also

@@ -11,7 +11,8 @@ What differs, on purpose:
 
 * ``svd`` never forms a ``d x k`` matrix (:func:`lorax_merge.lowrank.svd_of_factor_sum`); the
   pruned ``*_svd`` types merge the deltas with the fused kernels, tile by tile, and re-factor
-  with a randomized SVD (``svd_driver=None``); ``svd_driver="exact"`` runs PEFT's dense
+  with a randomized SVD (``svd_driver=None``; an exact one from the Gram matrix of a wide or
+  tall module's shorter side); ``svd_driver="exact"`` runs PEFT's dense
   ``torch.linalg.svd`` instead, a named driver that routine.
 * Magnitude pruning breaks ties by the lower flat index (``torch.topk`` leaves them
   unspecified); DARE masks come from the seeded counter generator, not ``torch.bernoulli``:

@@ -281,6 +281,14 @@ def test_peak_memory_is_bounded_and_independent_of_the_adapter_count(strategy):
     assert three >= 0.9, f"implausibly low measurement: the merged delta alone is 1.0 ({three})"
 
 
+@pytest.mark.parametrize("shape", [(256, 65536), (65536, 256)], ids=["wide", "tall"])
+def test_the_default_svd_of_wide_and_tall_modules_holds_no_basis_as_large_as_the_delta(shape):
+    """Rank 64: the range finder's float64 bases would be 128 x 65536 (4.5 to 5.5 ``d x k`` at
+    once); the Gram matrix of the short side is 256 x 256."""
+    extra = _peak_extra("ties_svd", 3, *shape, rank=64)
+    assert 0.9 <= extra <= 2.0, extra
+
+
 @pytest.mark.parametrize("shape", [(64, 8000), (8000, 64)], ids=["wide", "tall"])
 @pytest.mark.parametrize("driver", ["exact", "gesdd"])
 def test_dense_svd_drivers_compute_only_the_reduced_svd(shape, driver):
