@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _ops
-from ._validation import check_density, check_majority_sign_method
+from ._validation import check_density, check_majority_sign_method, check_out_dtype
 from .lowrank import (
     check_svd_clamp,
     check_svd_driver,
@@ -215,7 +215,8 @@ def merge_lora_module(
         svd_full_matrices: passed to ``torch.linalg.svd`` of a dense delta. The kept singular
             triplets are those of the reduced SVD either way (beyond rounding); ``True`` also
             computes the unused ``k x k`` (or ``d x d``) basis, as PEFT does by default.
-        out_dtype: dtype of the factors (default: float32, or float64 for float64 factors).
+        out_dtype: floating-point dtype of the factors (default: float32, or float64 for
+            float64 factors).
 
     Returns:
         ``lora_A`` (``rank x k``) and ``lora_B`` (``d x rank``), contiguous, on the factors'
@@ -229,7 +230,7 @@ def merge_lora_module(
         raise ValueError(f"rank: expected a positive integer, got {rank!r}")
     svd_driver = check_svd_driver(svd_driver, lora_a[0].device)
     svd_clamp = check_svd_clamp(svd_clamp)
-    dtype = out_dtype or compute_dtype(*lora_a, *lora_b)
+    dtype = check_out_dtype(out_dtype) or compute_dtype(*lora_a, *lora_b)
     coefficients = [float(w) * float(s) for w, s in zip(weights, scalings)]
 
     if spec.refactor == "concat":

@@ -222,6 +222,17 @@ def test_module_argument_errors():
         delta.merge_lora_module(a, b, s, w, "svd", rank=4, svd_driver="gesvdj")
 
 
+@pytest.mark.parametrize("strategy", ["svd", "cat", "ties_svd"])
+def test_out_dtype_must_be_a_floating_point_dtype(strategy):
+    a, b, s, w = _module()
+    kw = {"rank": 18, "density": 0.5}
+    for dtype in (torch.int32, torch.bool, "float32"):
+        with pytest.raises(TypeError, match="out_dtype"):
+            delta.merge_lora_module(a, b, s, w, strategy, out_dtype=dtype, **kw)
+    lora_a, lora_b = delta.merge_lora_module(a, b, s, w, strategy, out_dtype=torch.float16, **kw)
+    assert lora_a.dtype == lora_b.dtype == torch.float16
+
+
 # ----------------------------------------------------------------------------------- memory
 _MEMORY_SCRIPT = textwrap.dedent(
     """
