@@ -61,11 +61,12 @@ def _check_factors(
     for arg, values in (("lora_b", lora_b), ("scalings", scalings), ("weights", weights)):
         if len(values) != count:
             raise ValueError(f"{arg}: expected one entry per adapter ({count}), got {len(values)}")
-    d, k = lora_b[0].shape[0], lora_a[0].shape[-1]
-    for i, (a, b) in enumerate(zip(lora_a, lora_b)):
-        for arg, t in (("lora_a", a), ("lora_b", b)):
+    for arg, factors in (("lora_a", lora_a), ("lora_b", lora_b)):
+        for i, t in enumerate(factors):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
                 raise ValueError(f"{arg}[{i}]: expected a 2-D floating-point tensor, got {t!r:.80}")
+    d, k = lora_b[0].shape[0], lora_a[0].shape[1]
+    for i, (a, b) in enumerate(zip(lora_a, lora_b)):
         if b.shape[1] != a.shape[0] or b.shape[0] != d or a.shape[1] != k:
             raise ValueError(
                 f"adapter {i}: lora_B {list(b.shape)} and lora_A {list(a.shape)} do not form a "
@@ -77,7 +78,8 @@ def _check_factors(
 
 
 def _kernel_args(strategy: str, density: object, majority_sign_method: object):
-    if strategy not in STRATEGIES or STRATEGIES[strategy].space != "delta":
+    known = isinstance(strategy, str) and strategy in STRATEGIES
+    if not known or STRATEGIES[strategy].space != "delta":
         raise ValueError(
             f"strategy: {strategy!r} is not a delta-space strategy; expected one of "
             f"{', '.join(strategy_names(space='delta'))}"
@@ -228,6 +230,7 @@ def merge_lora_module(
     _kernel_args(strategy, density, majority_sign_method)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank: expected a positive integer, got {rank!r}")
+    check_seed(seed)
     svd_driver = check_svd_driver(svd_driver, lora_a[0].device)
     svd_clamp = check_svd_clamp(svd_clamp)
     dtype = check_out_dtype(out_dtype) or compute_dtype(*lora_a, *lora_b)

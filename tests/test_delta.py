@@ -220,6 +220,8 @@ def test_module_argument_errors():
         delta.merge_lora_module(a, b, s[:2], w, "svd", rank=4)
     with pytest.raises(ValueError, match="needs CUDA"):
         delta.merge_lora_module(a, b, s, w, "svd", rank=4, svd_driver="gesvdj")
+    with pytest.raises(ValueError, match="not a delta-space strategy"):
+        delta.merge_lora_module(a, b, s, w, ["svd"], rank=4)
 
 
 @pytest.mark.parametrize("strategy", ["svd", "cat", "ties_svd"])
@@ -231,6 +233,19 @@ def test_out_dtype_must_be_a_floating_point_dtype(strategy):
             delta.merge_lora_module(a, b, s, w, strategy, out_dtype=dtype, **kw)
     lora_a, lora_b = delta.merge_lora_module(a, b, s, w, strategy, out_dtype=torch.float16, **kw)
     assert lora_a.dtype == lora_b.dtype == torch.float16
+
+
+@pytest.mark.parametrize("strategy", ["svd", "cat", "ties_svd"])
+def test_module_arguments_are_checked_before_they_are_used(strategy):
+    """Each bad argument is named, by a ValueError or TypeError, whichever strategy runs."""
+    a, b, s, w = _module()
+    kw = {"rank": 18, "density": 0.5}
+    with pytest.raises(ValueError, match=r"lora_b\[0\]: expected a 2-D floating-point tensor"):
+        delta.merge_lora_module(a, [b[0].tolist(), *b[1:]], s, w, strategy, **kw)
+    with pytest.raises(ValueError, match=r"lora_a\[1\]: expected a 2-D floating-point tensor"):
+        delta.merge_lora_module([a[0], torch.tensor(1.0), a[2]], b, s, w, strategy, **kw)
+    with pytest.raises(TypeError, match="seed"):
+        delta.merge_lora_module(a, b, s, w, strategy, seed="abc", **kw)
 
 
 # ----------------------------------------------------------------------------------- memory
@@ -373,6 +388,23 @@ def test_merge_adapters_accepts_the_delta_strategies():
         lorax_merge.merge_adapters([s1, s2], strategy="svd")
     with pytest.raises(ValueError, match="not a LoRA factor"):
         lorax_merge.merge_adapters([{"x.bias": torch.ones(3)}], strategy="svd", scalings=[1.0])
+
+
+def test_whole_adapter_arguments_are_named_in_their_errors():
+    s1, s2 = _state(["q"], [4], 1), _state(["q"], [2], 2)
+    merge = delta_adapters.merge_state_dicts_delta
+    for density in ("x", None):
+        with pytest.raises(TypeError, match="density"):
+            merge([s1, s2], [1.0, 1.0], [1.0, 1.0], strategy="dare_linear_svd", density=density)
+    options = {"strategy": "svd", "scalings": [1.0, 1.0]}
+    with pytest.raises(ValueError, match="weighting must be 'lorax' or 'peft'"):
+        lorax_merge.merge_adapters([s1, s2], weighting="bogus", **options)
+    with pytest.raises(ValueError, match="weighting: 'peft'"):
+        lorax_merge.merge_adapters([s1, s2], weighting="peft", **options)
+    # One state dict instead of a list of them: the factor-space strategies' TypeError.
+    for strategy in ("svd", "linear"):
+        with pytest.raises(TypeError, match="adapters: expected a sequence of state dicts"):
+            lorax_merge.merge_adapters(s1, strategy=strategy, scalings=[1.0])
 
 
 def test_conv_adapters_keep_their_layout():
