@@ -198,6 +198,10 @@ def _merge_module(lora_model, key, target, new_a, new_b, args) -> None:
             driver=torch_driver(driver),
         )
         return
+    # PEFT's SVD gives the dtype of the summed deltas: the adapters' dtypes promoted.
+    dtype = found[0][0].dtype
+    for a, b, _ in found:
+        dtype = torch.promote_types(torch.promote_types(dtype, a.dtype), b.dtype)
     lora_a, lora_b = merge_lora_module(
         [a.data.flatten(1) for a, _, _ in found],
         [b.data.flatten(1) for _, b, _ in found],
@@ -211,7 +215,7 @@ def _merge_module(lora_model, key, target, new_a, new_b, args) -> None:
         svd_driver=driver,
         svd_clamp=clamp,
         svd_full_matrices=full,
-        out_dtype=found[0][0].dtype,
+        out_dtype=dtype,
     )
     new_a.data = lora_a.reshape(new_a.shape)
     new_b.data = lora_b.reshape(new_b.shape)

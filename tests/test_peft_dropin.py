@@ -388,6 +388,21 @@ def test_half_precision_adapters_keep_their_dtype(dtype, combination_type):
         assert float((got - expected).norm() / expected.norm()) < 1e-2, key
 
 
+@pytest.mark.parametrize("combination_type", ["svd", "ties_svd"])
+def test_adapters_of_mixed_dtypes_give_the_promoted_dtype_as_in_peft(combination_type):
+    """PEFT's SVD of the summed deltas has the adapters' dtypes promoted, whatever their order."""
+    model = build((4, 6, 2))
+    with torch.no_grad():
+        for layer in layers(model).values():
+            for p in factors(layer, "a"):
+                p.data = p.data.to(torch.bfloat16)
+    for adapters in (("a", "b", "c"), ("b", "c", "a")):
+        theirs, ours = both(model, combination_type, {"density": 0.5}, adapters=adapters)
+        for key, layer in layers(theirs).items():
+            for x, y in zip(factors(layer, "new"), factors(layers(ours)[key], "new")):
+                assert x.dtype == y.dtype == torch.float32, (adapters, key)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 @pytest.mark.parametrize("combination_type", ["svd", "ties_svd", "dare_ties_svd", "cat", "ties"])
