@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -72,7 +73,7 @@ def _check_arguments(
     density: Any,
     majority_sign_method: Any,
     seed: Any,
-) -> tuple[list[str], list[float], float | None]:
+) -> tuple[list[str], list[float], float | None, int | None]:
     types = strategy_names(in_peft=True)
     if not isinstance(combination_type, str) or combination_type not in types:
         raise ValueError(
@@ -98,13 +99,15 @@ def _check_arguments(
         density = check_density(density)
     if len(adapters) > 1 and spec.elects_sign:
         check_majority_sign_method(majority_sign_method)
-    if svd_rank is not None and (
-        isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1
-    ):
-        raise ValueError(f"svd_rank: expected None or an integer >= 1, got {svd_rank!r}")
+    if svd_rank is not None:  # any integer type, as PEFT (numpy's too), but not bool
+        if isinstance(svd_rank, bool) or not isinstance(svd_rank, numbers.Integral):
+            raise ValueError(f"svd_rank: expected None or an integer >= 1, got {svd_rank!r}")
+        if operator.index(svd_rank) < 1:
+            raise ValueError(f"svd_rank: expected None or an integer >= 1, got {svd_rank!r}")
+        svd_rank = operator.index(svd_rank)
     check_svd_clamp(svd_clamp)
     check_seed(seed)
-    return list(adapters), [float(w) for w in weights], density
+    return list(adapters), [float(w) for w in weights], density, svd_rank
 
 
 def _factors(target: Any, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -259,7 +262,7 @@ def add_weighted_adapter(
     lora_model = _lora_model(model)
     if adapter_name in lora_model.peft_config:
         return  # PEFT's behaviour: an existing name is left alone
-    adapters, weights, density = _check_arguments(
+    adapters, weights, density, svd_rank = _check_arguments(
         adapters, weights, combination_type, svd_rank, svd_clamp, density,
         majority_sign_method, seed,
     )  # fmt: skip

@@ -403,6 +403,19 @@ def test_adapters_of_mixed_dtypes_give_the_promoted_dtype_as_in_peft(combination
                 assert x.dtype == y.dtype == torch.float32, (adapters, key)
 
 
+def test_a_numpy_integer_svd_rank_is_accepted_as_in_peft():
+    np = pytest.importorskip("numpy")
+    theirs, ours = both(build((4, 6, 2)), "svd", {"svd_rank": np.int64(5)})
+    assert ours.peft_config["new"].r == 5
+    for key, layer in layers(theirs).items():
+        expected, got = product(layer, "new"), product(layers(ours)[key], "new")
+        assert factors(layers(ours)[key], "new")[0].shape[0] == 5
+        assert float((got - expected).norm() / expected.norm()) < 1e-4, key
+    for bad in (np.int64(0), True, 5.0):
+        with pytest.raises(ValueError, match="svd_rank"):
+            lm_peft.add_weighted_adapter(build(), ["a", "b"], [1.0, 1.0], "x", "svd", svd_rank=bad)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 @pytest.mark.parametrize("combination_type", ["svd", "ties_svd", "dare_ties_svd", "cat", "ties"])
