@@ -130,7 +130,8 @@ def merged_delta(
         weights: ``w_i`` (applied by the merge rule, after pruning, as in ``merge``).
         strategy: a delta-space strategy (its element-wise rule is used; ``svd``/``cat``: linear).
         density, majority_sign_method, seed: as in :func:`lorax_merge.merge`.
-        out: optional ``d x k`` contiguous buffer of the compute dtype, on the factors' device.
+        out: optional ``d x k`` contiguous buffer of the compute dtype, on the factors' device,
+            sharing no memory with them.
 
     Returns:
         The ``d x k`` merged delta in :func:`compute_dtype` of the factors.
@@ -147,6 +148,11 @@ def merged_delta(
         out = torch.empty(d, k, dtype=dtype, device=device)
     elif (out.shape, out.dtype, out.device) != ((d, k), dtype, device) or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous {d} x {k} {dtype} tensor on {device}")
+    elif any(_shares_memory(out, factor) for factor in (*a_work, *b_work)):
+        raise ValueError(
+            "out: shares memory with a factor, which the merge reads until the last row of out "
+            "is written; give out its own memory"
+        )
     if out.numel() == 0:
         return out
     # The tiles of all adapters together stay within a quarter of the output.
@@ -176,6 +182,15 @@ def merged_delta(
             thresholds, out[r0 : r0 + count],
         )  # fmt: skip
     return out
+
+
+def _shares_memory(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether two contiguous tensors' bytes overlap (metadata only: no synchronisation)."""
+    if x.device != y.device or x.numel() == 0 or y.numel() == 0:
+        return False
+    x_begin, y_begin = x.data_ptr(), y.data_ptr()
+    x_end = x_begin + x.numel() * x.element_size()
+    return x_begin < y_begin + y.numel() * y.element_size() and y_begin < x_end
 
 
 def merge_lora_module(

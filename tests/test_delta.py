@@ -117,6 +117,24 @@ def test_lora_delta_op_checks_and_opcheck():
         op(a[0], b[0], 1.0, 0, torch.empty(6, 4).mT)
 
 
+def test_lora_delta_refuses_an_out_that_shares_memory_with_a_factor():
+    """Each entry reads a whole row of B and column of A: writing into either first would
+    compute the rest from overwritten values."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 6, generator=g), torch.randn(8, 4, generator=g)
+    op = torch.ops.lorax_merge.lora_delta_out
+    work = a.clone()
+    with pytest.raises(ValueError, match="out shares memory with lora_a"):
+        op(work, b, 1.0, 0, work)  # the first 4 rows of the delta into A itself
+    assert torch.equal(work, a)  # refused before anything was written
+    buffer = torch.randn(40)
+    factor_b, out = buffer[:32].view(8, 4), buffer[28:].view(2, 6)  # out overlaps B's last row
+    with pytest.raises(ValueError, match="out shares memory with lora_b"):
+        op(a, factor_b, 1.0, 0, out)
+    with pytest.raises(ValueError, match="out"):
+        delta.merged_delta([work], [b[:4]], [1.0], [1.0], "svd", out=work)
+
+
 @pytest.mark.parametrize("strategy", ["dare_linear_svd", "dare_ties_svd"])
 def test_dare_in_delta_space_keeps_the_density_and_rescales(strategy):
     a, b, s, _ = _module(d=300, k=200, ranks=(8,), seed=4)
