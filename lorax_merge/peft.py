@@ -16,7 +16,8 @@ What differs, on purpose:
   ``torch.linalg.svd`` instead, a named driver that routine.
 * Magnitude pruning breaks ties by the lower flat index (``torch.topk`` leaves them
   unspecified); DARE masks come from the seeded counter generator, not ``torch.bernoulli``:
-  ``seed=`` makes a merge reproducible (module ``m`` uses ``derive_tensor_seed(seed, m)``).
+  ``seed=`` makes a merge reproducible (module ``m`` uses ``derive_tensor_seed(seed, m)``),
+  except on layers outside the fast path, whose PEFT code draws ``torch.bernoulli`` masks.
 * Bad arguments are refused before the model changes (PEFT adds the adapter, then fails), with
   ``ValueError``: a missing density, ``svd_rank < 1``, a weight count that does not match.
 * Non-finite factors give NaN (the whole module for the SVD types) instead of an SVD error.
@@ -252,7 +253,8 @@ def add_weighted_adapter(
         svd_driver: ``None`` (fast: exact factor-space SVD for ``svd``, randomized for the
             pruned types), ``"exact"`` (PEFT's dense ``torch.linalg.svd``), ``"gesvd"``,
             ``"gesvdj"``, ``"gesvda"`` (cuSOLVER, CUDA) or ``"gesdd"`` (LAPACK, CPU).
-        seed: DARE seed (``None``: drawn from torch's default generator).
+        seed: DARE seed (``None``: drawn from torch's default generator). Layers outside the
+            fast path draw PEFT's ``torch.bernoulli`` masks from the global generator instead.
 
     Raises:
         ValueError: unknown adapters or combination type, a missing density, ranks that differ
