@@ -1,5 +1,8 @@
 #include "lora_delta.h"
 
+#include <utility>
+
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 namespace lorax_merge {
@@ -26,6 +29,17 @@ void check_lora_delta(const at::Tensor& lora_a, const at::Tensor& lora_b, int64_
   TORCH_CHECK_VALUE(row_begin >= 0 && row_begin + out.size(0) <= lora_b.size(0),
                     "lorax_merge: rows [", row_begin, ", ", row_begin + out.size(0),
                     ") are outside the delta's ", lora_b.size(0), " rows");
+  // Every entry of out reads a whole row of lora_b and column of lora_a, so no part of either
+  // may be written before the last entry is computed.
+  const std::pair<const at::Tensor*, const char*> factors[] = {{&lora_a, "lora_a"},
+                                                               {&lora_b, "lora_b"}};
+  for (const auto& [factor, name] : factors) {
+    const at::MemOverlapStatus status = at::get_overlap_status(out, *factor);
+    TORCH_CHECK_VALUE(
+        status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
+        "lorax_merge: out shares memory with ", name,
+        ", which the delta reads until its last entry is written; give out its own memory");
+  }
 }
 
 }  // namespace lorax_merge

@@ -10,7 +10,8 @@
 namespace lorax_merge {
 
 // Checks the factors (2-D, float32 or float64, one dtype and device, B's columns = A's rows),
-// the row range and `out` ([rows, k], contiguous, the factors' dtype and device).
+// the row range and `out` ([rows, k], contiguous, the factors' dtype and device, sharing no
+// memory with either factor).
 void check_lora_delta(const at::Tensor& lora_a, const at::Tensor& lora_b, int64_t row_begin,
                       const at::Tensor& out);
 

@@ -227,7 +227,8 @@ def merge_adapters(
             reproduces PEFT's ``add_weighted_adapter``: adapter i's weight becomes
             ``sqrt(|w_i*s_i|)*sign(w_i*s_i)`` on its ``lora_A`` tensors and ``sqrt(|w_i*s_i|)`` on
             its ``lora_B`` tensors, where ``s_i`` is ``scalings[i]`` (see :func:`peft_scaling`);
-            with a single adapter the strategy becomes ``linear``, as in PEFT.
+            with a single adapter the strategy becomes ``linear``, as in PEFT.  The delta-space
+            strategies take ``"lorax"`` only: they merge ``w_i * s_i * B_i @ A_i``, as PEFT does.
         scalings: one scaling per adapter; required with ``weighting="peft"``.
         names: adapter names used in error messages.
         progress: called with the number of tensors merged after each batch.
@@ -245,9 +246,23 @@ def merge_adapters(
             strategy, density, method or seed, or (``weighting="peft"``) a tensor that is not a LoRA
             factor.
     """
+    if (
+        isinstance(adapters, Mapping)
+        or isinstance(adapters, (str, bytes))
+        or not isinstance(adapters, Sequence)
+    ):
+        raise TypeError(
+            "adapters: expected a sequence of state dicts (mappings from tensor name to tensor)"
+        )
     if strategy in strategy_names(space="delta"):
         from .delta_adapters import merge_state_dicts_delta
 
+        if check_weighting(weighting) == "peft":
+            raise ValueError(
+                f"weighting: 'peft' splits w_i * s_i between the factors of a factor-space "
+                f"strategy; {strategy!r} already merges each adapter's delta w_i * s_i * B_i @ A_i "
+                "as PEFT does (leave weighting='lorax')"
+            )
         if scalings is None:
             raise ValueError(
                 f"scalings: strategy {strategy!r} merges each adapter's delta s_i * B_i @ A_i and "
@@ -258,14 +273,6 @@ def merge_adapters(
             majority_sign_method=majority_sign_method, seed=seed, svd_driver=svd_driver,
             device=device, out_dtype=out_dtype, names=names, progress=progress,
         )  # fmt: skip
-    if (
-        isinstance(adapters, Mapping)
-        or isinstance(adapters, (str, bytes))
-        or not isinstance(adapters, Sequence)
-    ):
-        raise TypeError(
-            "adapters: expected a sequence of state dicts (mappings from tensor name to tensor)"
-        )
     count = len(adapters)
     if count == 0:
         raise ValueError("adapters: no adapters to merge")

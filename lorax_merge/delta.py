@@ -17,7 +17,8 @@ formed once in the output buffer to find its exact magnitude threshold, then the
 row tiles: every adapter's tile ``s_i B_i[rows] A_i`` is recomputed from the factors and the tiles
 are merged by the fused kernel at their flat-index offset, with the thresholds of the whole
 deltas, so masks, tie cuts and DARE draws are those of a merge of the dense deltas. Peak: the
-merged ``d x k`` buffer, one tile per adapter and the factors.
+merged ``d x k`` buffer, one tile per adapter (at least two rows each) and the factors, then the
+SVD's work (:func:`lorax_merge.lowrank.refactor_dense`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _ops
-from ._validation import check_density, check_majority_sign_method
+from ._validation import check_density, check_majority_sign_method, check_out_dtype
 from .lowrank import (
     check_svd_clamp,
     check_svd_driver,
@@ -60,11 +61,12 @@ def _check_factors(
     for arg, values in (("lora_b", lora_b), ("scalings", scalings), ("weights", weights)):
         if len(values) != count:
             raise ValueError(f"{arg}: expected one entry per adapter ({count}), got {len(values)}")
-    d, k = lora_b[0].shape[0], lora_a[0].shape[-1]
-    for i, (a, b) in enumerate(zip(lora_a, lora_b)):
-        for arg, t in (("lora_a", a), ("lora_b", b)):
+    for arg, factors in (("lora_a", lora_a), ("lora_b", lora_b)):
+        for i, t in enumerate(factors):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
                 raise ValueError(f"{arg}[{i}]: expected a 2-D floating-point tensor, got {t!r:.80}")
+    d, k = lora_b[0].shape[0], lora_a[0].shape[1]
+    for i, (a, b) in enumerate(zip(lora_a, lora_b)):
         if b.shape[1] != a.shape[0] or b.shape[0] != d or a.shape[1] != k:
             raise ValueError(
                 f"adapter {i}: lora_B {list(b.shape)} and lora_A {list(a.shape)} do not form a "
@@ -76,7 +78,8 @@ def _check_factors(
 
 
 def _kernel_args(strategy: str, density: object, majority_sign_method: object):
-    if strategy not in STRATEGIES or STRATEGIES[strategy].space != "delta":
+    known = isinstance(strategy, str) and strategy in STRATEGIES
+    if not known or STRATEGIES[strategy].space != "delta":
         raise ValueError(
             f"strategy: {strategy!r} is not a delta-space strategy; expected one of "
             f"{', '.join(strategy_names(space='delta'))}"
@@ -127,7 +130,8 @@ def merged_delta(
         weights: ``w_i`` (applied by the merge rule, after pruning, as in ``merge``).
         strategy: a delta-space strategy (its element-wise rule is used; ``svd``/``cat``: linear).
         density, majority_sign_method, seed: as in :func:`lorax_merge.merge`.
-        out: optional ``d x k`` contiguous buffer of the compute dtype, on the factors' device.
+        out: optional ``d x k`` contiguous buffer of the compute dtype, on the factors' device,
+            sharing no memory with them.
 
     Returns:
         The ``d x k`` merged delta in :func:`compute_dtype` of the factors.
@@ -144,6 +148,11 @@ def merged_delta(
         out = torch.empty(d, k, dtype=dtype, device=device)
     elif (out.shape, out.dtype, out.device) != ((d, k), dtype, device) or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous {d} x {k} {dtype} tensor on {device}")
+    elif any(_shares_memory(out, factor) for factor in (*a_work, *b_work)):
+        raise ValueError(
+            "out: shares memory with a factor, which the merge reads until the last row of out "
+            "is written; give out its own memory"
+        )
     if out.numel() == 0:
         return out
     # The tiles of all adapters together stay within a quarter of the output.
@@ -175,6 +184,15 @@ def merged_delta(
     return out
 
 
+def _shares_memory(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether two contiguous tensors' bytes overlap (metadata only: no synchronisation)."""
+    if x.device != y.device or x.numel() == 0 or y.numel() == 0:
+        return False
+    x_begin, y_begin = x.data_ptr(), y.data_ptr()
+    x_end = x_begin + x.numel() * x.element_size()
+    return x_begin < y_begin + y.numel() * y.element_size() and y_begin < x_end
+
+
 def merge_lora_module(
     lora_a: Sequence[torch.Tensor],
     lora_b: Sequence[torch.Tensor],
@@ -188,7 +206,7 @@ def merge_lora_module(
     seed: int | None = None,
     svd_driver: str | None = None,
     svd_clamp: float | None = None,
-    svd_full_matrices: bool = True,
+    svd_full_matrices: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge one module of several adapters in delta space; return ``(lora_A, lora_B)``.
@@ -199,18 +217,23 @@ def merge_lora_module(
             from ``w_i s_i B_i A_i`` as the strategy says.
         strategy: ``cat``, ``svd``, ``ties_svd``, ``dare_ties_svd``, ``dare_linear_svd`` or
             ``magnitude_prune_svd``.
-        rank: rank of the result. ``cat`` needs at least ``sum r_i`` (zero-padded above it).
+        rank: rank of the result. ``cat`` needs at least ``sum r_i`` (zero-padded above it);
+            it scales each ``A_i`` by ``w_i s_i`` in the compute dtype (``out_dtype`` if wider),
+            then rounds once to ``out_dtype``.
         density, majority_sign_method, seed: as in :func:`lorax_merge.merge`, for the strategies
             that prune; ``seed=None`` draws a DARE seed from torch's default generator.
         svd_driver: ``None``: the fast exact factor-space SVD for ``svd``, the randomized range
-            finder for the pruned strategies; ``"exact"``: ``torch.linalg.svd`` of the dense merged
-            delta (PEFT's computation); ``"gesvd"``/``"gesvdj"``/``"gesvda"`` (CUDA) or
-            ``"gesdd"`` (CPU): that routine for the SVD (the ``R x R`` core for ``svd``, the dense
-            delta otherwise).
+            finder for the pruned strategies (the exact Gram route for a wide or tall module,
+            see :func:`lorax_merge.lowrank.refactor_dense`); ``"exact"``: ``torch.linalg.svd``
+            of the dense merged delta (PEFT's computation); ``"gesvd"``/``"gesvdj"``/
+            ``"gesvda"`` (CUDA) or ``"gesdd"`` (CPU): that routine for the SVD (the ``R x R``
+            core for ``svd``, the dense delta otherwise).
         svd_clamp: quantile at which both factors are clamped, as in PEFT.
-        svd_full_matrices: passed to ``torch.linalg.svd`` of a dense delta (no effect on the
-            result beyond rounding).
-        out_dtype: dtype of the factors (default: float32, or float64 for float64 factors).
+        svd_full_matrices: passed to ``torch.linalg.svd`` of a dense delta. The kept singular
+            triplets are those of the reduced SVD either way (beyond rounding); ``True`` also
+            computes the unused ``k x k`` (or ``d x d``) basis, as PEFT does by default.
+        out_dtype: floating-point dtype of the factors (default: float32, or float64 for
+            float64 factors).
 
     Returns:
         ``lora_A`` (``rank x k``) and ``lora_B`` (``d x rank``), contiguous, on the factors'
@@ -222,17 +245,22 @@ def merge_lora_module(
     _kernel_args(strategy, density, majority_sign_method)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank: expected a positive integer, got {rank!r}")
+    check_seed(seed)
     svd_driver = check_svd_driver(svd_driver, lora_a[0].device)
     svd_clamp = check_svd_clamp(svd_clamp)
-    dtype = out_dtype or compute_dtype(*lora_a, *lora_b)
+    dtype = check_out_dtype(out_dtype) or compute_dtype(*lora_a, *lora_b)
     coefficients = [float(w) * float(s) for w, s in zip(weights, scalings)]
 
     if spec.refactor == "concat":
         total = sum(a.shape[0] for a in lora_a)
         if rank < total:
             raise ValueError(f"rank: cat keeps every adapter's rank, needs >= {total}, got {rank}")
-        # PEFT's arithmetic: A_i * w_i * s_i in the factors' dtype.
-        cat_a = torch.cat([a * float(w) * float(s) for a, w, s in zip(lora_a, weights, scalings)])
+        # PEFT's arithmetic, A_i * w_i * s_i, but in the compute dtype (or a wider output
+        # dtype): half-precision factors would overflow or round before the cast.
+        work = torch.promote_types(dtype, compute_dtype(*lora_a, *lora_b))
+        cat_a = torch.cat(
+            [a.to(work) * float(w) * float(s) for a, w, s in zip(lora_a, weights, scalings)]
+        )
         cat_b = torch.cat(list(lora_b), dim=1)
         return _padded_concat(cat_a, cat_b, rank, dtype)
 

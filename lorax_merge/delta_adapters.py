@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ._validation import FLOAT_DTYPES
+from ._validation import FLOAT_DTYPES, check_density
 from .adapter_configs import (
     adapter_labels,
     config_value,
@@ -126,6 +126,9 @@ def merge_state_dicts_delta(
             f"strategy: {strategy!r} is not a delta-space strategy; expected one of "
             f"{', '.join(strategy_names(space='delta'))}"
         )
+    spec = STRATEGIES[strategy]
+    if spec.uses_density:  # before `density < 1` reads it
+        density = check_density(density)
     if isinstance(weights, torch.Tensor):
         weights = weights.detach().cpu().tolist()
     weights = [1.0] * count if weights is None else [float(w) for w in weights]
@@ -138,7 +141,6 @@ def merge_state_dicts_delta(
     for members in modules.values():
         for i, pair in members.items():
             ranks[i] = max(ranks[i], pair["A"][1].shape[0])
-    spec = STRATEGIES[strategy]
     if rank is None:
         rank = sum(ranks) if spec.refactor == "concat" else max(ranks)
     if spec.is_random and seed is None and density < 1:

@@ -11,6 +11,9 @@ and ``lora_A = Vh_r`` (``r x k``), optionally clamped at a quantile of their ent
 * :func:`randomized_svd`: a randomized range finder with power iterations (Halko, Martinsson
   and Tropp, 2011) on a dense ``M``: a few products of ``M`` with ``d x l`` and ``k x l``
   matrices instead of an ``O(d k min(d, k))`` factorisation.
+* :func:`gram_svd`: for a dense ``M`` whose shorter side is within a few times the rank (where
+  the range finder's bases would be as large as ``M``), the eigenvectors of the small Gram matrix
+  of that side, and one product with ``M``.
 * :func:`dense_svd`: ``torch.linalg.svd`` of the dense ``M``, as PEFT computes it.
 
 Small (factor-sized) linear algebra runs in float64 whatever the input dtype.
@@ -31,6 +34,7 @@ __all__ = [
     "check_svd_driver",
     "check_svd_clamp",
     "dense_svd",
+    "gram_svd",
     "peft_factors",
     "randomized_svd",
     "refactor_dense",
@@ -47,6 +51,10 @@ RANGE_FINDER_SEED = 0x5EED
 
 _WORK = torch.float64
 _QUANTILE_LIMIT = 1 << 24  # torch.quantile refuses larger inputs
+# Elements of M converted to float64 at a time for its Gram matrix: 2 MiB on the CPU, 32 MiB
+# on a GPU (few enough launches).
+_CPU_GRAM_BLOCK = 1 << 18
+_CUDA_GRAM_BLOCK = 1 << 22
 
 
 def check_svd_driver(driver: object, device: torch.device) -> str | None:
@@ -116,8 +124,7 @@ def canonical_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, to
     positive (``vh``'s rows flip with it), so results do not depend on the route taken."""
     if u.numel() == 0:
         return u, vh
-    rows = u.abs().argmax(dim=0, keepdim=True)
-    signs = torch.where(u.gather(0, rows) < 0, -1.0, 1.0).to(u.dtype)
+    signs = _signs_of_largest_entries(u)
     return u * signs, vh * signs.mT
 
 
@@ -182,8 +189,7 @@ def randomized_svd(
         ``(U, S, Vh)`` in float64 with ``min(rank, d, k)`` triplets.
     """
     d, k = matrix.shape
-    extra = max(10, rank) if oversample is None else oversample
-    width = min(rank + extra, d, k)
+    width = min(_range_finder_width(rank) if oversample is None else rank + oversample, d, k)
     gen = torch.Generator(device=matrix.device).manual_seed(seed)
     test = torch.randn(k, width, generator=gen, device=matrix.device, dtype=matrix.dtype)
     basis = _orthonormal_basis(matrix @ test)
@@ -195,6 +201,78 @@ def randomized_svd(
     keep = min(rank, width)
     u, vh = canonical_signs((basis @ u_small)[:, :keep], vh[:keep])
     return u, s[:keep], vh
+
+
+def _range_finder_width(rank: int) -> int:
+    """``l = rank + max(10, rank)``: the test vectors of :func:`randomized_svd`."""
+    return rank + max(10, rank)
+
+
+def _gram_is_cheaper(d: int, k: int, rank: int) -> bool:
+    """The Gram route's ``min(d, k)^2`` float64 matrices (about five, with the eigensolver's
+    copy and workspace) take less memory than the range finder's ``max(d, k) x l`` ones (about
+    three and a half), and its ``min(d, k)^2 max(d, k)`` products no more work than the range
+    finder's ``8 d k l``."""
+    width = _range_finder_width(rank)
+    short, long_side = min(d, k), max(d, k)
+    return short <= 8 * width and 2 * short * short <= width * long_side
+
+
+def gram_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` SVD of a dense matrix from the Gram matrix of its shorter side.
+
+    For a wide ``M`` (``d <= k``), the top ``rank`` eigenvectors ``U_r`` of ``G = M M^T``
+    (``d x d``, accumulated in float64 from column blocks of ``M``) are its left singular
+    vectors; the rows of ``W = U_r^T M`` have the singular values as norms and the right
+    singular vectors as directions. A tall ``M`` goes through ``M^T M`` the same way. The
+    product ``U_r S_r Vh_r`` is ``U_r U_r^T M`` (up to the rounding of ``W``), the projection of
+    ``M`` on the subspace found, whatever the rounding of ``G``; singular vectors of singular
+    values below about ``1e-7`` of the largest are not resolved from one another (a zero
+    singular value gets a zero right singular vector).
+
+    Memory: ``G``, its eigenvectors and the eigensolver's workspace (about three
+    ``min(d, k)^2`` float64 matrices), one float64 block of ``M``, and ``W`` in ``M``'s dtype;
+    never a ``d x k`` temporary. Meant for a shorter side of at most a few times ``rank``.
+
+    Returns:
+        ``(U, S, Vh)`` in ``matrix``'s dtype with ``min(rank, d, k)`` triplets, the largest
+        entry of each ``U`` column positive (see :func:`canonical_signs`).
+    """
+    d, k = matrix.shape
+    wide = d <= k
+    short, long_side = (d, k) if wide else (k, d)
+    keep = min(rank, short)
+    if keep == 0:
+        return matrix.new_zeros(d, 0), matrix.new_zeros(0), matrix.new_zeros(0, k)
+    side = matrix if wide else matrix.mT  # short x long: G = side @ side^T
+    cap = _CUDA_GRAM_BLOCK if matrix.device.type == "cuda" else _CPU_GRAM_BLOCK
+    step = max(1, cap // max(short, 1))
+    gram = torch.zeros(short, short, dtype=_WORK, device=matrix.device)
+    for start in range(0, long_side, step):
+        block = side[:, start : start + step].to(_WORK)
+        gram.addmm_(block, block.mT)
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    del gram
+    basis = vectors[:, short - keep :].flip(1)  # the top `keep`, descending
+    del vectors
+    if wide:  # U is the small basis: fix its signs first, and W's rows follow
+        basis = _signs_of_largest_entries(basis) * basis
+    basis = basis.to(matrix.dtype)
+    projected = basis.mT @ side  # W, keep x long (its rows: S_i times a singular vector)
+    norms = torch.linalg.vector_norm(projected, dim=1)
+    projected.div_(torch.where(norms > 0, norms, 1.0).unsqueeze(1))
+    if wide:
+        return basis, norms, projected
+    u = projected.mT  # d x keep
+    signs = _signs_of_largest_entries(u)
+    u.mul_(signs)  # in place: U is the large factor here
+    return u, norms, (basis * signs).mT
+
+
+def _signs_of_largest_entries(u: torch.Tensor) -> torch.Tensor:
+    """``1 x n``: the sign of the largest-magnitude entry of each column (+1 for a zero one)."""
+    rows = u.abs().argmax(dim=0, keepdim=True)
+    return torch.where(u.gather(0, rows) < 0, -1.0, 1.0).to(u.dtype)
 
 
 def dense_svd(
@@ -209,21 +287,28 @@ def refactor_dense(
     rank: int,
     *,
     driver: str | None = None,
-    full_matrices: bool = True,
+    full_matrices: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-``rank`` SVD of a dense merged delta, which it may overwrite.
 
-    ``driver=None`` uses :func:`randomized_svd`, any other driver :func:`dense_svd`. Non-finite
-    entries are zeroed in place before the factorisation and make the whole result NaN.
+    ``driver=None`` uses :func:`gram_svd` where the shorter side ``m`` of ``matrix`` is at most
+    ``8 l`` and ``2 m^2 <= l * max(d, k)`` (``l``: the range finder's width): there it needs less
+    memory than the range finder's ``max(d, k) x l`` float64 bases, and no more arithmetic;
+    elsewhere :func:`randomized_svd`. Any other driver uses :func:`dense_svd` (with
+    ``full_matrices``, which changes nothing kept beyond rounding). Non-finite entries are
+    zeroed in place before the factorisation and make the whole result NaN.
     """
     finite = _finite_flag(matrix)
     torch.nan_to_num_(matrix, nan=0.0, posinf=0.0, neginf=0.0)
-    if driver is None:
+    if driver is None and _gram_is_cheaper(*matrix.shape, rank):
+        u, s, vh = gram_svd(matrix, rank)
+    elif driver is None:
         u, s, vh = randomized_svd(matrix, rank)
     else:
         u, s, vh = dense_svd(matrix, full_matrices=full_matrices, driver=driver)
-    nan = torch.full((), math.nan, dtype=u.dtype, device=u.device)
-    return tuple(torch.where(finite, x, nan) for x in (u, s, vh))  # type: ignore[return-value]
+    for x in (u, s, vh):  # in place, without reading the flag on the host
+        x.masked_fill_(~finite, math.nan)
+    return u, s, vh
 
 
 def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 ``add_weighted_adapter(model, ...)`` takes the arguments of
 ``PeftModel.add_weighted_adapter`` (PEFT 0.21) and adds the same adapter: same config (``r``,
-``lora_alpha = r``, union of ``target_modules``), same factor layout, same refusals. An
-existing PEFT program switches with one line::
+``lora_alpha = r``, union of ``target_modules``; ``use_rslora = False``, see below), same factor
+layout, same refusals. An existing PEFT program switches with one line::
 
     import lorax_merge.peft; lorax_merge.peft.patch()   # model.add_weighted_adapter(...) is ours
 
@@ -11,14 +11,20 @@ What differs, on purpose:
 
 * ``svd`` never forms a ``d x k`` matrix (:func:`lorax_merge.lowrank.svd_of_factor_sum`); the
   pruned ``*_svd`` types merge the deltas with the fused kernels, tile by tile, and re-factor
-  with a randomized SVD (``svd_driver=None``); ``svd_driver="exact"`` runs PEFT's dense
+  with a randomized SVD (``svd_driver=None``; an exact one from the Gram matrix of a wide or
+  tall module's shorter side); ``svd_driver="exact"`` runs PEFT's dense
   ``torch.linalg.svd`` instead, a named driver that routine.
 * Magnitude pruning breaks ties by the lower flat index (``torch.topk`` leaves them
   unspecified); DARE masks come from the seeded counter generator, not ``torch.bernoulli``:
-  ``seed=`` makes a merge reproducible (module ``m`` uses ``derive_tensor_seed(seed, m)``).
+  ``seed=`` makes a merge reproducible (module ``m`` uses ``derive_tensor_seed(seed, m)``),
+  except on layers outside the fast path, whose PEFT code draws ``torch.bernoulli`` masks.
 * Bad arguments are refused before the model changes (PEFT adds the adapter, then fails), with
   ``ValueError``: a missing density, ``svd_rank < 1``, a weight count that does not match.
 * Non-finite factors give NaN (the whole module for the SVD types) instead of an SVD error.
+* The merged adapter has ``use_rslora = False``: every type folds each adapter's scaling into the
+  factors, so the result must be scaled by exactly 1 (``lora_alpha = r``). PEFT keeps the first
+  adapter's flag, and with an rsLoRA first adapter its merge applies ``sqrt(r)`` times the
+  merged delta.
 
 Linear, Embedding and Conv2d LoRA layers (``fan_in_fan_out`` too) take the fast path; other
 LoRA layer types are merged by PEFT's own per-module code.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -69,7 +76,7 @@ def _check_arguments(
     density: Any,
     majority_sign_method: Any,
     seed: Any,
-) -> tuple[list[str], list[float], float | None]:
+) -> tuple[list[str], list[float], float | None, int | None]:
     types = strategy_names(in_peft=True)
     if not isinstance(combination_type, str) or combination_type not in types:
         raise ValueError(
@@ -95,13 +102,15 @@ def _check_arguments(
         density = check_density(density)
     if len(adapters) > 1 and spec.elects_sign:
         check_majority_sign_method(majority_sign_method)
-    if svd_rank is not None and (
-        isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1
-    ):
-        raise ValueError(f"svd_rank: expected None or an integer >= 1, got {svd_rank!r}")
+    if svd_rank is not None:  # any integer type, as PEFT (numpy's too), but not bool
+        if isinstance(svd_rank, bool) or not isinstance(svd_rank, numbers.Integral):
+            raise ValueError(f"svd_rank: expected None or an integer >= 1, got {svd_rank!r}")
+        if operator.index(svd_rank) < 1:
+            raise ValueError(f"svd_rank: expected None or an integer >= 1, got {svd_rank!r}")
+        svd_rank = operator.index(svd_rank)
     check_svd_clamp(svd_clamp)
     check_seed(seed)
-    return list(adapters), [float(w) for w in weights], density
+    return list(adapters), [float(w) for w in weights], density, svd_rank
 
 
 def _factors(target: Any, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -195,6 +204,10 @@ def _merge_module(lora_model, key, target, new_a, new_b, args) -> None:
             driver=torch_driver(driver),
         )
         return
+    # PEFT's SVD gives the dtype of the summed deltas: the adapters' dtypes promoted.
+    dtype = found[0][0].dtype
+    for a, b, _ in found:
+        dtype = torch.promote_types(torch.promote_types(dtype, a.dtype), b.dtype)
     lora_a, lora_b = merge_lora_module(
         [a.data.flatten(1) for a, _, _ in found],
         [b.data.flatten(1) for _, b, _ in found],
@@ -208,7 +221,7 @@ def _merge_module(lora_model, key, target, new_a, new_b, args) -> None:
         svd_driver=driver,
         svd_clamp=clamp,
         svd_full_matrices=full,
-        out_dtype=found[0][0].dtype,
+        out_dtype=dtype,
     )
     new_a.data = lora_a.reshape(new_a.shape)
     new_b.data = lora_b.reshape(new_b.shape)
@@ -242,7 +255,8 @@ def add_weighted_adapter(
         svd_driver: ``None`` (fast: exact factor-space SVD for ``svd``, randomized for the
             pruned types), ``"exact"`` (PEFT's dense ``torch.linalg.svd``), ``"gesvd"``,
             ``"gesvdj"``, ``"gesvda"`` (cuSOLVER, CUDA) or ``"gesdd"`` (LAPACK, CPU).
-        seed: DARE seed (``None``: drawn from torch's default generator).
+        seed: DARE seed (``None``: drawn from torch's default generator). Layers outside the
+            fast path draw PEFT's ``torch.bernoulli`` masks from the global generator instead.
 
     Raises:
         ValueError: unknown adapters or combination type, a missing density, ranks that differ
@@ -252,7 +266,7 @@ def add_weighted_adapter(
     lora_model = _lora_model(model)
     if adapter_name in lora_model.peft_config:
         return  # PEFT's behaviour: an existing name is left alone
-    adapters, weights, density = _check_arguments(
+    adapters, weights, density, svd_rank = _check_arguments(
         adapters, weights, combination_type, svd_rank, svd_clamp, density,
         majority_sign_method, seed,
     )  # fmt: skip
@@ -284,6 +298,7 @@ def add_weighted_adapter(
         lora_model.peft_config[adapters[0]],
         r=new_rank,
         lora_alpha=new_rank,
+        use_rslora=False,  # the scalings are folded into the factors: scaling 1, not sqrt(r)
         target_modules=new_target_modules,
         alpha_pattern={},
         rank_pattern={},

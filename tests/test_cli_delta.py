@@ -148,6 +148,38 @@ def test_cat_is_the_exact_weighted_sum_of_the_scaled_deltas(folders, tmp_path):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
+def test_cat_of_float16_adapters_into_float32_does_not_overflow(folders, tmp_path):
+    """float16 factors near float16's largest value, scaled by w * s = 20: the float32 output
+    holds the product, which float16 arithmetic would have turned into infinities."""
+    inputs = []
+    for i, folder in enumerate(folders[:2]):
+        half = tmp_path / f"half{i}"
+        shutil.copytree(folder, half)
+        tensors = load_tensors(half)
+        for name, t in tensors.items():
+            tensors[name] = (t / t.abs().max() * 60000 if ".lora_A." in name else t).half()
+        save_file(tensors, str(half / "adapter_model.safetensors"))
+        inputs.append(half)
+    out = tmp_path / "merged"
+    argv = [*inputs, "-o", out, "--strategy", CONCAT_TYPES[0], "--dtype", "float32"]
+    _merged([*argv, "--weights", "10", "1"])
+    merged = load_tensors(out)
+    scalings = [peft_scaling(load_config(f)) for f in inputs]
+    sources = [load_tensors(f) for f in inputs]
+    for name_a in (n for n in merged if ".lora_A." in n):
+        name_b = name_a.replace(".lora_A.", ".lora_B.")
+        assert merged[name_a].dtype == torch.float32
+        expected = sum(
+            w * s * (t[name_b].double() @ t[name_a].double())
+            for w, s, t in zip([10.0, 1.0], scalings, sources)
+            if name_a in t
+        )
+        got = merged[name_b].double() @ merged[name_a].double()
+        torch.testing.assert_close(
+            got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max())
+        )
+
+
 def test_rank_and_svd_driver_reach_the_merge(folders, tmp_path):
     out = tmp_path / "merged"
     argv = [*folders, "-o", out, "--strategy", SVD_TYPES[0], "--weights", *map(str, WEIGHTS)]

@@ -117,6 +117,24 @@ def test_lora_delta_op_checks_and_opcheck():
         op(a[0], b[0], 1.0, 0, torch.empty(6, 4).mT)
 
 
+def test_lora_delta_refuses_an_out_that_shares_memory_with_a_factor():
+    """Each entry reads a whole row of B and column of A: writing into either first would
+    compute the rest from overwritten values."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 6, generator=g), torch.randn(8, 4, generator=g)
+    op = torch.ops.lorax_merge.lora_delta_out
+    work = a.clone()
+    with pytest.raises(ValueError, match="out shares memory with lora_a"):
+        op(work, b, 1.0, 0, work)  # the first 4 rows of the delta into A itself
+    assert torch.equal(work, a)  # refused before anything was written
+    buffer = torch.randn(40)
+    factor_b, out = buffer[:32].view(8, 4), buffer[28:].view(2, 6)  # out overlaps B's last row
+    with pytest.raises(ValueError, match="out shares memory with lora_b"):
+        op(a, factor_b, 1.0, 0, out)
+    with pytest.raises(ValueError, match="out"):
+        delta.merged_delta([work], [b[:4]], [1.0], [1.0], "svd", out=work)
+
+
 @pytest.mark.parametrize("strategy", ["dare_linear_svd", "dare_ties_svd"])
 def test_dare_in_delta_space_keeps_the_density_and_rescales(strategy):
     a, b, s, _ = _module(d=300, k=200, ranks=(8,), seed=4)
@@ -149,6 +167,22 @@ def test_cat_is_the_exact_sum_at_the_sum_of_the_ranks(device):
     assert not bool(lora_a[18:].any())  # ranks 4 + 8 + 6 = 18, zero-padded to 20
     with pytest.raises(ValueError, match="needs >= 18"):
         delta.merge_lora_module(a, b, s, w, "cat", rank=17)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cat_of_half_precision_factors_scales_them_in_float32(dtype):
+    """The default float32 result: each ``A_i * w_i * s_i`` is the float32 product of the
+    half-precision values (bit for bit), not a half-precision one that overflows or rounds."""
+    a, b, s, w = _module(dtype=dtype)
+    a[0] = a[0] * 1000  # w * s * A: about 1.6e3 * 1e3 * 4, beyond float16's 65504
+    w = [w[0] * 1000, *w[1:]]
+    lora_a, lora_b = delta.merge_lora_module(a, b, s, w, "cat", rank=18)
+    assert lora_a.dtype == torch.float32 and lora_b.dtype == torch.float32
+    expected_a = torch.cat([x.float() * wi * si for x, wi, si in zip(a, w, s)])
+    assert torch.equal(_bits(lora_a), _bits(expected_a))
+    assert torch.equal(_bits(lora_b), _bits(torch.cat(b, dim=1).float()))
+    exact = sum(wi * si * (y.double() @ x.double()) for x, y, si, wi in zip(a, b, s, w))
+    torch.testing.assert_close(lora_b.double() @ lora_a.double(), exact, rtol=1e-6, atol=1e-3)
 
 
 @pytest.mark.parametrize("rank", [1, 5, 18, 25])
@@ -204,6 +238,32 @@ def test_module_argument_errors():
         delta.merge_lora_module(a, b, s[:2], w, "svd", rank=4)
     with pytest.raises(ValueError, match="needs CUDA"):
         delta.merge_lora_module(a, b, s, w, "svd", rank=4, svd_driver="gesvdj")
+    with pytest.raises(ValueError, match="not a delta-space strategy"):
+        delta.merge_lora_module(a, b, s, w, ["svd"], rank=4)
+
+
+@pytest.mark.parametrize("strategy", ["svd", "cat", "ties_svd"])
+def test_out_dtype_must_be_a_floating_point_dtype(strategy):
+    a, b, s, w = _module()
+    kw = {"rank": 18, "density": 0.5}
+    for dtype in (torch.int32, torch.bool, "float32"):
+        with pytest.raises(TypeError, match="out_dtype"):
+            delta.merge_lora_module(a, b, s, w, strategy, out_dtype=dtype, **kw)
+    lora_a, lora_b = delta.merge_lora_module(a, b, s, w, strategy, out_dtype=torch.float16, **kw)
+    assert lora_a.dtype == lora_b.dtype == torch.float16
+
+
+@pytest.mark.parametrize("strategy", ["svd", "cat", "ties_svd"])
+def test_module_arguments_are_checked_before_they_are_used(strategy):
+    """Each bad argument is named, by a ValueError or TypeError, whichever strategy runs."""
+    a, b, s, w = _module()
+    kw = {"rank": 18, "density": 0.5}
+    with pytest.raises(ValueError, match=r"lora_b\[0\]: expected a 2-D floating-point tensor"):
+        delta.merge_lora_module(a, [b[0].tolist(), *b[1:]], s, w, strategy, **kw)
+    with pytest.raises(ValueError, match=r"lora_a\[1\]: expected a 2-D floating-point tensor"):
+        delta.merge_lora_module([a[0], torch.tensor(1.0), a[2]], b, s, w, strategy, **kw)
+    with pytest.raises(TypeError, match="seed"):
+        delta.merge_lora_module(a, b, s, w, strategy, seed="abc", **kw)
 
 
 # ----------------------------------------------------------------------------------- memory
@@ -211,15 +271,16 @@ _MEMORY_SCRIPT = textwrap.dedent(
     """
     import gc, json, sys, torch
     from lorax_merge import delta
-    strategy, count, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    strategy, count, d, k, rank = sys.argv[1], *map(int, sys.argv[2:6])
+    driver = None if sys.argv[6] == "None" else sys.argv[6]
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
-    a = [torch.randn(16, d, generator=g) for _ in range(count)]
-    b = [torch.randn(d, 16, generator=g) for _ in range(count)]
+    a = [torch.randn(rank, k, generator=g) for _ in range(count)]
+    b = [torch.randn(d, rank, generator=g) for _ in range(count)]
     args = ([1.0] * count, [0.5] * count, strategy)
-    kw = dict(rank=16, density=0.5, seed=1)
+    kw = dict(rank=rank, density=0.5, seed=1, svd_driver=driver)
     # warm the code paths (thread pool, BLAS and LAPACK buffers) at a size that needs them
-    delta.merge_lora_module([x[:, : d // 2] for x in a], [x[: d // 2] for x in b], *args, **kw)
+    delta.merge_lora_module([x[:, : k // 2] for x in a], [x[: d // 2] for x in b], *args, **kw)
     gc.collect()
     def status_kb(field):
         with open("/proc/self/status") as f:
@@ -231,14 +292,19 @@ _MEMORY_SCRIPT = textwrap.dedent(
     before = status_kb("VmRSS")
     lora_a, lora_b = delta.merge_lora_module(a, b, *args, **kw)
     peak = status_kb("VmHWM")
-    print(json.dumps({"extra_dk": (peak - before) * 1024 / (d * d * 4)}))
+    print(json.dumps({"extra_dk": (peak - before) * 1024 / (d * k * 4)}))
     """
 )
 
 
-def _peak_extra(strategy: str, count: int, d: int) -> float:
+def _peak_extra(
+    strategy: str, count: int, d: int, k: int | None = None, rank: int = 16, driver=None
+) -> float:
+    """Peak resident memory of one module's merge, beyond what it held before, in ``d x k``
+    float32 matrices."""
+    argv = [strategy, count, d, d if k is None else k, rank, driver]
     proc = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT, strategy, str(count), str(d)],
+        [sys.executable, "-c", _MEMORY_SCRIPT, *map(str, argv)],
         capture_output=True,
         text=True,
         cwd=str(ROOT),
@@ -257,6 +323,33 @@ def test_peak_memory_is_bounded_and_independent_of_the_adapter_count(strategy):
     assert three <= 3.0 and eight <= 3.0, (three, eight)
     assert eight <= three + 0.25, (three, eight)  # 5 more dense deltas would add 5.0
     assert three >= 0.9, f"implausibly low measurement: the merged delta alone is 1.0 ({three})"
+
+
+@pytest.mark.parametrize("shape", [(256, 65536), (65536, 256)], ids=["wide", "tall"])
+def test_the_default_svd_of_wide_and_tall_modules_holds_no_basis_as_large_as_the_delta(shape):
+    """Rank 64: the range finder's float64 bases would be 128 x 65536 (4.5 to 5.5 ``d x k`` at
+    once); the Gram matrix of the short side is 256 x 256."""
+    extra = _peak_extra("ties_svd", 3, *shape, rank=64)
+    assert 0.9 <= extra <= 2.0, extra
+
+
+@pytest.mark.parametrize("shape", [(64, 8000), (8000, 64)], ids=["wide", "tall"])
+@pytest.mark.parametrize("driver", ["exact", "gesdd"])
+def test_dense_svd_drivers_compute_only_the_reduced_svd(shape, driver):
+    """The full SVD of a 64 x 8000 delta holds an 8000 x 8000 basis: 125 times the delta."""
+    extra = _peak_extra("ties_svd", 3, *shape, driver=driver)
+    assert 0.9 <= extra <= 8.0, extra
+
+
+def test_the_reduced_dense_svd_keeps_the_full_svds_triplets():
+    a, b, s, w = _module(d=40, k=90)
+    full = delta.merge_lora_module(a, b, s, w, "ties_svd", rank=9, density=0.5,
+                                   svd_driver="exact", svd_full_matrices=True)  # fmt: skip
+    reduced = delta.merge_lora_module(a, b, s, w, "ties_svd", rank=9, density=0.5,
+                                      svd_driver="exact")  # fmt: skip
+    for x, y in zip(full, reduced):
+        assert x.shape == y.shape
+    torch.testing.assert_close(reduced[1] @ reduced[0], full[1] @ full[0], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- whole adapters
@@ -313,6 +406,23 @@ def test_merge_adapters_accepts_the_delta_strategies():
         lorax_merge.merge_adapters([s1, s2], strategy="svd")
     with pytest.raises(ValueError, match="not a LoRA factor"):
         lorax_merge.merge_adapters([{"x.bias": torch.ones(3)}], strategy="svd", scalings=[1.0])
+
+
+def test_whole_adapter_arguments_are_named_in_their_errors():
+    s1, s2 = _state(["q"], [4], 1), _state(["q"], [2], 2)
+    merge = delta_adapters.merge_state_dicts_delta
+    for density in ("x", None):
+        with pytest.raises(TypeError, match="density"):
+            merge([s1, s2], [1.0, 1.0], [1.0, 1.0], strategy="dare_linear_svd", density=density)
+    options = {"strategy": "svd", "scalings": [1.0, 1.0]}
+    with pytest.raises(ValueError, match="weighting must be 'lorax' or 'peft'"):
+        lorax_merge.merge_adapters([s1, s2], weighting="bogus", **options)
+    with pytest.raises(ValueError, match="weighting: 'peft'"):
+        lorax_merge.merge_adapters([s1, s2], weighting="peft", **options)
+    # One state dict instead of a list of them: the factor-space strategies' TypeError.
+    for strategy in ("svd", "linear"):
+        with pytest.raises(TypeError, match="adapters: expected a sequence of state dicts"):
+            lorax_merge.merge_adapters(s1, strategy=strategy, scalings=[1.0])
 
 
 def test_conv_adapters_keep_their_layout():

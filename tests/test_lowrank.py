@@ -5,6 +5,8 @@
 * The randomized range finder, on realistic merged deltas (pruned sums of random rank-r
   adapters: TIES, DARE, magnitude pruning at several densities), has a Frobenius error within
   1% of the optimal rank-r error (the tail of the exact singular values).
+* The Gram route, for wide and tall matrices: the exact truncation, orthonormal factors,
+  the canonical signs; zero matrices and ranks above the shorter side.
 * PEFT's output layout and quantile clamp; driver and clamp validation; NaN/Inf propagate.
 """
 
@@ -111,6 +113,39 @@ def test_randomized_svd_is_exact_when_the_test_matrix_spans_the_range():
     m = torch.randn(30, 12, dtype=torch.float64)
     u, s, vh = lowrank.randomized_svd(m, 4)  # 4 + 10 >= 12 columns: the whole range
     torch.testing.assert_close(s, torch.linalg.svdvals(m)[:4])
+
+
+@pytest.mark.parametrize(
+    ("d", "k"), [(12, 3000), (3000, 12), (1, 500), (500, 2)], ids=["wide", "tall", "row", "2-cols"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_gram_svd_is_the_exact_truncation_of_wide_and_tall_matrices(d, k, dtype):
+    a, b = _factors(d, k, [4, 6], seed=5, dtype=dtype)
+    merged = delta.merged_delta(a, b, [2.0, 1.0], [1.0, -0.6], "ties_svd", density=0.5)
+    u, s, vh = lowrank.gram_svd(merged, 5)
+    keep = min(5, d, k)
+    assert (u.shape, s.shape, vh.shape) == ((d, keep), (keep,), (keep, k))
+    assert u.dtype == s.dtype == vh.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    exact = torch.linalg.svdvals(merged.double())
+    torch.testing.assert_close(s.double(), exact[:keep], rtol=tol, atol=tol * float(exact[0]))
+    optimal = float(exact[keep:].square().sum().sqrt())
+    error = float(torch.linalg.matrix_norm(merged.double() - _product(u, s, vh).double()))
+    assert error <= optimal * (1 + tol) + tol * float(exact[0]), (error, optimal)
+    eye = torch.eye(keep, dtype=torch.float64)
+    torch.testing.assert_close(u.double().mT @ u.double(), eye, rtol=0, atol=10 * tol)
+    torch.testing.assert_close(vh.double() @ vh.double().mT, eye, rtol=0, atol=10 * tol)
+    largest = u.gather(0, u.abs().argmax(dim=0, keepdim=True))
+    assert bool((largest > 0).all())  # the sign convention of every route
+
+
+def test_gram_svd_of_a_zero_matrix_and_of_a_rank_above_the_shorter_side():
+    u, s, vh = lowrank.gram_svd(torch.zeros(3, 40), 2)
+    assert not bool(s.any()) and bool(torch.isfinite(u).all() and torch.isfinite(vh).all())
+    m = torch.randn(40, 3, dtype=torch.float64)
+    u, s, vh = lowrank.gram_svd(m, 8)
+    assert s.shape == (3,)
+    torch.testing.assert_close(_product(u, s, vh), m, rtol=1e-12, atol=1e-12)
 
 
 def test_peft_layout_and_clamp_follow_peft():

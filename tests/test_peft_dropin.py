@@ -10,7 +10,8 @@ initialises ``lora_B`` to zero, which would hide everything):
   the pruned types within 1% of PEFT's (optimal) Frobenius error, and the clamped variants
   within the bound that the free signs of singular vectors allow (see the README);
 * DARE types: our masks (not ``torch.bernoulli``'s), equal to our merge of the dense deltas;
-* the same config, the same refusals (as ``ValueError``), and a model left as it was.
+* the same config but for ``use_rslora`` (always False: the scalings are folded into the
+  factors), the same refusals (as ``ValueError``), and a model left as it was.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -47,10 +49,13 @@ class Tiny(nn.Module):
         self.pw = nn.Conv2d(10, 6, 1)
 
 
-def build(ranks=(4, 4, 4), dtype=torch.float32, device="cpu", seed=3, targets=None):
+def build(
+    ranks=(4, 4, 4), dtype=torch.float32, device="cpu", seed=3, targets=None,
+    rslora=(False, False, True),
+):  # fmt: skip
     torch.manual_seed(0)
     base = Tiny().to(dtype)
-    alphas, rslora = (8, 16, 4), (False, False, True)
+    alphas = (8, 16, 4)
     targets = targets or [TARGETS] * 3
     configs = [
         LoraConfig(r=r, lora_alpha=a, use_rslora=s, target_modules=t, fan_in_fan_out=True)
@@ -94,7 +99,9 @@ def both(model, combination_type, peft_kwargs=None, ours_kwargs=None, adapters=(
         warnings.simplefilter("ignore")
         theirs.add_weighted_adapter(*args, **(peft_kwargs or {}))
     lm_peft.add_weighted_adapter(ours, *args, **(ours_kwargs or peft_kwargs or {}))
-    assert theirs.peft_config["new"] == ours.peft_config["new"]
+    # PEFT keeps the first adapter's use_rslora; ours is always False (scaling 1).
+    assert ours.peft_config["new"].use_rslora is False
+    assert replace(theirs.peft_config["new"], use_rslora=False) == ours.peft_config["new"]
     return theirs, ours
 
 
@@ -124,6 +131,29 @@ def test_one_adapter_is_linear_as_in_peft():
     for key, layer in layers(theirs).items():
         for x, y in zip(factors(layer, "new"), factors(layers(ours)[key], "new")):
             assert torch.equal(bits(x), bits(y)), key
+
+
+@pytest.mark.parametrize(("combination_type", "kwargs"), [("svd", {"svd_rank": 12}), ("cat", {})])
+def test_an_rslora_first_adapter_gives_a_merge_scaled_by_one(combination_type, kwargs):
+    """The scalings (rsLoRA's ``lora_alpha / sqrt(r)`` among them) are folded into the merged
+    factors, so the merged adapter must apply its delta once: PEFT, which keeps the first
+    adapter's ``use_rslora``, applies ``sqrt(r)`` times it."""
+    # Modules of at least 24 x 24: rank 12 keeps the exact sum (PEFT fails above a conv's size).
+    model = build((4, 6, 2), targets=[["emb", "q", "proj"]] * 3, rslora=(True, False, False))
+    theirs, ours = both(model, combination_type, kwargs)
+    assert theirs.peft_config["new"].use_rslora  # PEFT's, which ours deliberately is not
+    for key, layer in layers(ours).items():
+        assert layer.scaling["new"] == 1.0, key
+        expected = sum(w * layer.scaling[n] * product(layer, n) for n, w in zip("abc", WEIGHTS))
+        torch.testing.assert_close(product(layer, "new"), expected, rtol=1e-5, atol=1e-5)
+    # What the model computes: the merged adapter adds the weighted sum of the adapters' effects.
+    q = ours.base_model.model.q
+    x = torch.randn(3, 24, generator=torch.Generator().manual_seed(1))
+    expected = x.double() @ sum(w * q.scaling[n] * product(q, n) for n, w in zip("abc", WEIGHTS)).mT
+    ours.set_adapter("new")
+    with torch.no_grad():
+        merged_effect = (q(x) - q.base_layer(x)).double()
+    torch.testing.assert_close(merged_effect, expected, rtol=1e-4, atol=1e-4)
 
 
 SVD_VARIANTS = [
@@ -390,6 +420,34 @@ def test_half_precision_adapters_keep_their_dtype(dtype, combination_type):
         assert a.dtype == dtype and b.dtype == dtype
         expected, got = product(layer, "new"), product(layers(half)[key], "new")
         assert float((got - expected).norm() / expected.norm()) < 1e-2, key
+
+
+@pytest.mark.parametrize("combination_type", ["svd", "ties_svd"])
+def test_adapters_of_mixed_dtypes_give_the_promoted_dtype_as_in_peft(combination_type):
+    """PEFT's SVD of the summed deltas has the adapters' dtypes promoted, whatever their order."""
+    model = build((4, 6, 2))
+    with torch.no_grad():
+        for layer in layers(model).values():
+            for p in factors(layer, "a"):
+                p.data = p.data.to(torch.bfloat16)
+    for adapters in (("a", "b", "c"), ("b", "c", "a")):
+        theirs, ours = both(model, combination_type, {"density": 0.5}, adapters=adapters)
+        for key, layer in layers(theirs).items():
+            for x, y in zip(factors(layer, "new"), factors(layers(ours)[key], "new")):
+                assert x.dtype == y.dtype == torch.float32, (adapters, key)
+
+
+def test_a_numpy_integer_svd_rank_is_accepted_as_in_peft():
+    np = pytest.importorskip("numpy")
+    theirs, ours = both(build((4, 6, 2)), "svd", {"svd_rank": np.int64(5)})
+    assert ours.peft_config["new"].r == 5
+    for key, layer in layers(theirs).items():
+        expected, got = product(layer, "new"), product(layers(ours)[key], "new")
+        assert factors(layers(ours)[key], "new")[0].shape[0] == 5
+        assert float((got - expected).norm() / expected.norm()) < 1e-4, key
+    for bad in (np.int64(0), True, 5.0):
+        with pytest.raises(ValueError, match="svd_rank"):
+            lm_peft.add_weighted_adapter(build(), ["a", "b"], [1.0, 1.0], "x", "svd", svd_rank=bad)
 
 
 @pytest.mark.cuda
