@@ -52,6 +52,14 @@ def check_strategy(strategy: object, space: Space = "factor") -> StrategySpec:
     return STRATEGIES[check_name(strategy, strategy_names(space=space), "strategy", "strategy")]
 
 
+def check_real(value: object, arg: str) -> float:
+    """``value`` as a float if it is a real number (a bool is not one), else a TypeError naming
+    ``arg``. NaN and infinities pass: the caller refuses them where they mean nothing."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{arg} must be a real number, got {describe(value)}")
+    return float(value)
+
+
 def check_density(density: object, arg: str = "density") -> float:
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise TypeError(f"{arg} must be a real number, got {describe(density)}")

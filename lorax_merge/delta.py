@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _ops
-from ._validation import check_density, check_majority_sign_method, check_out_dtype
+from ._validation import check_density, check_majority_sign_method, check_out_dtype, check_real
 from .lowrank import (
     check_svd_clamp,
     check_svd_driver,
@@ -75,6 +75,15 @@ def _check_factors(
         if a.device != lora_a[0].device or b.device != lora_a[0].device:
             raise ValueError(f"adapter {i}: factors on {a.device}/{b.device}, expected one device")
     return d, k
+
+
+def _real(value: object, arg: str) -> float:
+    """A weight or scaling: a real number, or a one-element real tensor (read on the host, as
+    the merge's coefficients are), else a TypeError naming it."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        if value.dtype != torch.bool:
+            return float(value)
+    return check_real(value, arg)
 
 
 def _kernel_args(strategy: str, density: object, majority_sign_method: object):
@@ -249,7 +258,10 @@ def merge_lora_module(
     svd_driver = check_svd_driver(svd_driver, lora_a[0].device)
     svd_clamp = check_svd_clamp(svd_clamp)
     dtype = check_out_dtype(out_dtype) or compute_dtype(*lora_a, *lora_b)
-    coefficients = [float(w) * float(s) for w, s in zip(weights, scalings)]
+    coefficients = [
+        _real(w, f"weights[{i}]") * _real(s, f"scalings[{i}]")
+        for i, (w, s) in enumerate(zip(weights, scalings))
+    ]
 
     if spec.refactor == "concat":
         total = sum(a.shape[0] for a in lora_a)

@@ -21,6 +21,7 @@ import torch
 from ._validation import (
     check_density,
     check_majority_sign_method,
+    check_real,
     check_strategy,
     describe,
     in_task_dtype,
@@ -189,7 +190,8 @@ def learn_weights(
     Raises:
         ValueError, TypeError: naming the argument: no adapters or batches, bad strategy
             parameters, ``init`` of the wrong length or not real (complex or bool), a
-            ``per_module`` that is not a bool, an ``l1`` that is not a finite number >= 0, or a
+            ``per_module`` that is not a bool, an ``l1`` that is not a finite number >= 0, an
+            ``lr`` that is not a finite number > 0, or a
             loss that is not a scalar or does not depend on the weights (computed without
             autograd, or not from ``merged``).
     """
@@ -202,6 +204,9 @@ def learn_weights(
     if not isinstance(per_module, bool):
         raise TypeError(f"per_module must be a bool, got {describe(per_module)}")
     l1 = _check_l1(l1)
+    lr = check_real(lr, "lr")
+    if not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
     random = check_strategy(strategy).is_random  # a factor-space strategy
     density = check_density(density)
     majority_sign_method = check_majority_sign_method(majority_sign_method)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ._validation import MAJORITY_SIGN_METHODS, check_density
+from ._validation import MAJORITY_SIGN_METHODS, check_density, check_real
 from .adapter_configs import adapter_labels, config_value, merge_adapter_configs
 from .adapters import merge_adapters
 from .strategy_table import STRATEGIES, strategy_names
@@ -91,7 +91,8 @@ def merge_module_maps(
         LORAX_MAJORITY_SIGN_METHODS,
         "majority_sign_method",
     )
-    weights = [float(w) for w in (config_value(merge_params, "weights", None) or [])] or None
+    given = config_value(merge_params, "weights", None) or []
+    weights = [check_real(w, f"weights[{i}]") for i, w in enumerate(given)] or None
     density = config_value(merge_params, "density", 1.0)
     density = check_density(density) if STRATEGIES[strategy].uses_density else 1.0
     names = _adapter_names(merge_params, len(adapters))

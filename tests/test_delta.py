@@ -243,6 +243,23 @@ def test_module_argument_errors():
 
 
 @pytest.mark.parametrize("strategy", ["svd", "cat", "ties_svd"])
+def test_weights_and_scalings_must_be_real_numbers(strategy):
+    a, b, s, w = _module()
+    kw = {"rank": 18, "density": 0.5}
+    for bad in ("x", None, True, 1j):
+        with pytest.raises(TypeError, match=r"weights\[1\] must be a real number"):
+            delta.merge_lora_module(a, b, s, [w[0], bad, *w[2:]], strategy, **kw)
+        with pytest.raises(TypeError, match=r"scalings\[0\] must be a real number"):
+            delta.merge_lora_module(a, b, [bad, *s[1:]], w, strategy, **kw)
+    as_tensors = [torch.tensor(x, dtype=torch.float64) for x in w]  # one-element tensors too
+    for got, expected in zip(
+        delta.merge_lora_module(a, b, s, as_tensors, strategy, **kw),
+        delta.merge_lora_module(a, b, s, w, strategy, **kw),
+    ):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("strategy", ["svd", "cat", "ties_svd"])
 def test_out_dtype_must_be_a_floating_point_dtype(strategy):
     a, b, s, w = _module()
     kw = {"rank": 18, "density": 0.5}

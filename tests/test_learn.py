@@ -130,6 +130,22 @@ def test_an_l1_that_is_not_a_real_number_is_refused_by_name(l1):
 
 
 @pytest.mark.parametrize(
+    ("lr", "error", "message"),
+    [
+        (0.0, ValueError, "lr must be a finite number > 0"),
+        (-0.1, ValueError, "lr must be a finite number > 0"),
+        (float("nan"), ValueError, "lr must be a finite number > 0"),
+        ("0.1", TypeError, "lr must be a real number"),
+        (None, TypeError, "lr must be a real number"),
+    ],
+)
+def test_a_learning_rate_that_is_not_a_positive_number_is_refused_by_name(lr, error, message):
+    adapters = _adapters()
+    with pytest.raises(error, match=message):
+        lorax_merge.learn_weights(adapters, _distance_loss(adapters[0]), [None], steps=1, lr=lr)
+
+
+@pytest.mark.parametrize(
     "init",
     [
         torch.tensor([0.5 + 1j, 0.25, 0.25]),

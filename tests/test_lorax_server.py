@@ -168,6 +168,14 @@ def test_a_density_that_is_not_a_number_is_refused_by_name_where_the_strategy_pr
         A.merge_module_maps(pairs, params, seed=0)
 
 
+@pytest.mark.parametrize("weight", ["0.5", None, True])
+def test_a_request_weight_that_is_not_a_number_is_refused_by_name(weight):
+    pairs = adapter_pairs("overlapping", DTYPES["float32"])
+    params = {**by_name(request(3, "LINEAR")), "weights": [1.0, weight, 0.5]}
+    with pytest.raises(TypeError, match=r"weights\[1\] must be a real number"):
+        A.merge_module_maps(pairs, params)
+
+
 @pytest.mark.parametrize("method", ["total", "frequency"])
 def test_the_helpers_take_mixed_dtype_tasks_as_the_server_passes_them(method):
     # The server prunes each task in its own dtype and stacks them (torch.stack promotes).
