@@ -213,16 +213,17 @@ def _overflowed_drops_as_nan(grad: torch.Tensor, grad_x: torch.Tensor, density: 
     """Gives a dropped entry the NaN of ``r(grad / density) * 0`` where the quotient overflows.
 
     The gradient of ``(tensor * mask) / density`` divides before the mask multiplies, so a
-    dropped entry gets ``r(grad / density) * 0``: NaN where the rounded quotient is infinite,
+    dropped entry gets ``r(grad / density) * 0``: NaN where the rounded quotient is not finite,
     which ``random_prune(grad)`` (``grad * 0`` there) does not see. The quotient is the
     kernels' true division in the op-math type (a 0-dim tensor on the gradient's device, not a
     Python number, which the GPU would multiply by its reciprocal); a kept entry's gradient is
-    that same quotient, so an infinite quotient with a finite ``grad_x`` marks a drop.
+    that same quotient, so a non-finite quotient with a finite ``grad_x`` marks a drop (NaN
+    too: a density that is 0 in the op-math type makes ``0 / 0``).
     """
     op_math = torch.float64 if grad.dtype == torch.float64 else torch.float32
     divisor = torch.full((), density, dtype=op_math, device=grad.device)
     quotient = (grad.to(op_math) / divisor).to(grad.dtype)
-    overflowed = quotient.isinf() & ~grad_x.isinf()
+    overflowed = ~quotient.isfinite() & grad_x.isfinite()
     as_int, bits = _CANONICAL_NAN[grad.dtype]
     grad_x.view(as_int).masked_fill_(overflowed, bits)
 

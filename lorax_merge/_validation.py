@@ -7,7 +7,7 @@ numbers to tensors, names to the ops' enums) and checks what the ops cannot see 
 as the API does: Python types, strategy and method names, each tensor's own dtype (named as
 torch names it), and how ``merge_many`` splits weights and seeds between groups. Each failure
 raises ValueError or TypeError naming the argument and the value. Nothing here reads tensor data
-or synchronises a GPU.
+or synchronises a GPU, except ``check_real`` given a one-element tensor for a scalar argument.
 """
 
 from __future__ import annotations
@@ -53,11 +53,26 @@ def check_strategy(strategy: object, space: Space = "factor") -> StrategySpec:
 
 
 def check_real(value: object, arg: str) -> float:
-    """``value`` as a float if it is a real number (a bool is not one), else a TypeError naming
+    """``value`` as a float if it is a real number (a bool is not one) or a one-element real
+    tensor or array (whose value is read: a GPU tensor synchronises), else a TypeError naming
     ``arg``. NaN and infinities pass: the caller refuses them where they mean nothing."""
+    if _is_real_scalar_array(value):
+        return float(value)  # type: ignore[arg-type]
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{arg} must be a real number, got {describe(value)}")
     return float(value)
+
+
+def _is_real_scalar_array(value: object) -> bool:
+    """A one-element torch tensor or numpy array of a real, non-bool dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    return (
+        hasattr(value, "__array__")
+        and getattr(value, "size", None) == 1
+        and kind in ("f", "i", "u")
+    )
 
 
 def check_density(density: object, arg: str = "density") -> float:

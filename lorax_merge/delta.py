@@ -77,15 +77,6 @@ def _check_factors(
     return d, k
 
 
-def _real(value: object, arg: str) -> float:
-    """A weight or scaling: a real number, or a one-element real tensor (read on the host, as
-    the merge's coefficients are), else a TypeError naming it."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-        if value.dtype != torch.bool:
-            return float(value)
-    return check_real(value, arg)
-
-
 def _kernel_args(strategy: str, density: object, majority_sign_method: object):
     known = isinstance(strategy, str) and strategy in STRATEGIES
     if not known or STRATEGIES[strategy].space != "delta":
@@ -259,7 +250,7 @@ def merge_lora_module(
     svd_clamp = check_svd_clamp(svd_clamp)
     dtype = check_out_dtype(out_dtype) or compute_dtype(*lora_a, *lora_b)
     coefficients = [
-        _real(w, f"weights[{i}]") * _real(s, f"scalings[{i}]")
+        check_real(w, f"weights[{i}]") * check_real(s, f"scalings[{i}]")
         for i, (w, s) in enumerate(zip(weights, scalings))
     ]
 

@@ -11,7 +11,6 @@ objective is smooth in the weights for a fixed seed.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,9 +76,7 @@ class LearnedWeights:
 
 
 def _check_l1(l1: object) -> float:
-    if isinstance(l1, bool) or not isinstance(l1, numbers.Real):
-        raise TypeError(f"l1 must be a real number, got {describe(l1)}")
-    value = float(l1)
+    value = check_real(l1, "l1")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"l1 must be a finite number >= 0, got {value}")
     return value

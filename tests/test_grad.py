@@ -266,6 +266,25 @@ def test_dare_at_density_0_has_zero_task_gradients(device, strategy):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_density_below_the_op_math_range_divides_by_zero_as_autograd_does(device, dtype):
+    """1e-50 is positive as a Python float and 0 in float32: kept entries do not exist, and a
+    dropped one gets r(g / 0) * 0 = NaN, zeros included (0 / 0), in utils.prune and a merge."""
+    density = 1e-50
+    g = torch.tensor([0.0, 1.0, -2.0, 0.0, 3.0], device=device).to(dtype)
+    y = torch.zeros(5, dtype=dtype, device=device, requires_grad=True)
+    utils.prune(y, density, "random", rescale=True, seed=1).backward(g)
+    leaf = torch.zeros(5, dtype=dtype, requires_grad=True)
+    mask = (utils.prune(torch.ones(5), density, "random", seed=1) != 0).to(dtype)
+    (expected,) = torch.autograd.grad((leaf * mask) / density, leaf, g.cpu())
+    assert bool(expected.isnan().all())
+    assert_same_bits_any_nan(y.grad.cpu(), expected, "prune")
+    (task_grad,), _, _ = _merge_grads(
+        [y.detach()], torch.tensor([1.0]), g.float(), "dare_linear", density
+    )
+    assert bool(task_grad.isnan().all()), "merge"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_nan_and_inf_as_the_upstream_expression(device, strategy, dtype):
     tasks = make_tasks(3, (6, 8), dtype, "normal", seed=13, device=device)

@@ -121,12 +121,28 @@ def test_an_l1_that_is_negative_or_not_finite_is_refused_by_name(l1):
 
 
 @pytest.mark.parametrize(
-    "l1", ["0.1", None, True, torch.tensor(0.1)], ids=["str", "None", "bool", "tensor"]
+    "l1", ["0.1", None, True, torch.tensor(True)], ids=["str", "None", "bool", "bool tensor"]
 )
 def test_an_l1_that_is_not_a_real_number_is_refused_by_name(l1):
     adapters = _adapters()
     with pytest.raises(TypeError, match="l1 must be a real number"):
         lorax_merge.learn_weights(adapters, _distance_loss(adapters[0]), [None], steps=1, l1=l1)
+
+
+def test_one_element_tensors_are_numbers_for_l1_and_lr():
+    adapters = _adapters()
+    loss = _distance_loss(adapters[0])
+    as_floats = lorax_merge.learn_weights(adapters, loss, [None], steps=3, lr=0.1, l1=0.01)
+    as_tensors = lorax_merge.learn_weights(
+        adapters,
+        loss,
+        [None],
+        steps=3,
+        lr=torch.tensor(0.1, dtype=torch.float64),
+        l1=torch.tensor([0.01], dtype=torch.float64),
+    )
+    assert torch.equal(as_tensors.weights, as_floats.weights)
+    assert as_tensors.losses == as_floats.losses
 
 
 @pytest.mark.parametrize(
