@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import STRATEGIES, merge_kwargs
@@ -113,20 +115,26 @@ def test_bad_arguments():
         lorax_merge.learn_weights(adapters, lambda m, b: m[NAMES[0]], [None], steps=1)
 
 
-@pytest.mark.parametrize("l1", [-1.0, -1e-9, float("nan"), float("inf")])
-def test_an_l1_that_is_negative_or_not_finite_is_refused_by_name(l1):
-    adapters = _adapters()
-    with pytest.raises(ValueError, match="l1 must be a finite number >= 0"):
-        lorax_merge.learn_weights(adapters, _distance_loss(adapters[0]), [None], steps=1, l1=l1)
+_NOT_FINITE_L1 = "l1 must be a finite number >= 0"
+_NOT_POSITIVE_LR = "lr must be a finite number > 0"
 
 
 @pytest.mark.parametrize(
-    "l1", ["0.1", None, True, torch.tensor(True)], ids=["str", "None", "bool", "bool tensor"]
+    ("arg", "value", "error", "message"),
+    [("l1", v, ValueError, _NOT_FINITE_L1) for v in (-1.0, -1e-9, math.nan, math.inf)]
+    + [("lr", v, ValueError, _NOT_POSITIVE_LR) for v in (0.0, -0.1, math.nan)]
+    + [
+        (arg, v, TypeError, f"{arg} must be a real number")
+        for arg in ("l1", "lr")
+        for v in ("0.1", None, True, torch.tensor(True))
+    ],
 )
-def test_an_l1_that_is_not_a_real_number_is_refused_by_name(l1):
+def test_an_l1_or_lr_that_is_not_a_number_in_range_is_refused_by_name(arg, value, error, message):
     adapters = _adapters()
-    with pytest.raises(TypeError, match="l1 must be a real number"):
-        lorax_merge.learn_weights(adapters, _distance_loss(adapters[0]), [None], steps=1, l1=l1)
+    with pytest.raises(error, match=message):
+        lorax_merge.learn_weights(
+            adapters, _distance_loss(adapters[0]), [None], steps=1, **{arg: value}
+        )
 
 
 def test_one_element_tensors_are_numbers_for_l1_and_lr():
@@ -143,22 +151,6 @@ def test_one_element_tensors_are_numbers_for_l1_and_lr():
     )
     assert torch.equal(as_tensors.weights, as_floats.weights)
     assert as_tensors.losses == as_floats.losses
-
-
-@pytest.mark.parametrize(
-    ("lr", "error", "message"),
-    [
-        (0.0, ValueError, "lr must be a finite number > 0"),
-        (-0.1, ValueError, "lr must be a finite number > 0"),
-        (float("nan"), ValueError, "lr must be a finite number > 0"),
-        ("0.1", TypeError, "lr must be a real number"),
-        (None, TypeError, "lr must be a real number"),
-    ],
-)
-def test_a_learning_rate_that_is_not_a_positive_number_is_refused_by_name(lr, error, message):
-    adapters = _adapters()
-    with pytest.raises(error, match=message):
-        lorax_merge.learn_weights(adapters, _distance_loss(adapters[0]), [None], steps=1, lr=lr)
 
 
 @pytest.mark.parametrize(
