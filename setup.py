@@ -168,6 +168,59 @@ class BuildExtension(cpp_extension.BuildExtension):
             per_level = list(pool.map(lambda item: compile_level(*item), levels.items()))
         ext.extra_objects = [obj for objects in per_level for obj in objects]
         super().build_extension(ext)
+        check_shared_libstdcxx(self.get_ext_fullpath(ext.name))
+
+
+def elf_needed(path: str) -> list[str] | None:
+    """The DT_NEEDED entries of a 64-bit little-endian ELF shared object (None otherwise)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    shoff, shentsize, shnum = (
+        int.from_bytes(data[0x28:0x30], "little"),
+        int.from_bytes(data[0x3A:0x3C], "little"),
+        int.from_bytes(data[0x3C:0x3E], "little"),
+    )
+    sections = [data[shoff + i * shentsize : shoff + (i + 1) * shentsize] for i in range(shnum)]
+    for header in sections:
+        if int.from_bytes(header[4:8], "little") != 6:  # SHT_DYNAMIC
+            continue
+        offset = int.from_bytes(header[24:32], "little")
+        size = int.from_bytes(header[32:40], "little")
+        strtab = sections[int.from_bytes(header[40:44], "little")]
+        str_offset = int.from_bytes(strtab[24:32], "little")
+        names = []
+        for entry in range(offset, offset + size, 16):
+            tag = int.from_bytes(data[entry : entry + 8], "little")
+            if tag == 0:
+                break
+            if tag == 1:  # DT_NEEDED
+                start = str_offset + int.from_bytes(data[entry + 8 : entry + 16], "little")
+                names.append(data[start : data.index(b"\0", start)].decode())
+        return names
+    return None
+
+
+def check_shared_libstdcxx(path: str) -> None:
+    """Fails the build when the compiler linked libstdc++ into the extension statically.
+
+    torch uses the shared libstdc++; a second, private copy in the extension is not
+    initialised the same way (with gcc 13 its iostreams are not set up at all), so the first
+    error message that formats a number crashes the process. Some toolchains (a g++ built
+    with static libstdc++ as its default) do this silently.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    needed = elf_needed(path)
+    if needed is None or any(name.startswith("libstdc++") for name in needed):
+        return
+    raise RuntimeError(
+        f"{path} does not load the shared libstdc++ (it needs {', '.join(needed) or 'nothing'}): "
+        "the C++ compiler linked libstdc++ into it statically, which crashes the extension on "
+        "its first error message. Build with a compiler that links it dynamically, e.g. "
+        "CXX=/usr/bin/g++ (the system's g++)."
+    )
 
 
 setup(

@@ -134,6 +134,19 @@ if [[ -z ${CUDA_HOME:-} ]]; then
 fi
 export CUDA_HOME=${CUDA_HOME:-}
 echo "CUDA_HOME=${CUDA_HOME:-<none>} arch=$ARCH"
+# A g++ that links libstdc++ statically by default (the GPU image's /opt/gcc does) gives the
+# extension a private libstdc++ that crashes on its first error message; setup.py refuses such
+# a build. Where Python's compiler does that, build with the system's g++.
+if [[ -z ${CXX:-} && -x /usr/bin/g++ ]]; then
+  default_cxx=$("$PYTHON" -c 'import sysconfig; print((sysconfig.get_config_var("CXX") or "c++").split()[0])')
+  printf '#include <string>\nstd::string f(double x) { return std::to_string(x); }\n' \
+    >"$WORK/cxx_probe.cpp"
+  if "$default_cxx" -shared -fPIC "$WORK/cxx_probe.cpp" -o "$WORK/cxx_probe.so" 2>/dev/null; then
+    probe_needs=$(ldd "$WORK/cxx_probe.so" 2>/dev/null || true)
+    if [[ $probe_needs != *libstdc++* ]]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
+  fi
+fi
+echo "C++ compiler: ${CXX:-the default}"
 
 # ------------------------------------------------------------------ 1. build
 LIB=$WORK/lib

@@ -115,3 +115,17 @@ def test_wide_registers_only_in_their_levels_functions():
     # The levels are really there, with their registers.
     assert wide_functions["AVX2"] > 0 and wide_functions["AVX512"] > 0, wide_functions
     assert set(INFO["cpu_capabilities"]) == {"default", "avx2", "avx512"}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_an_error_message_that_formats_a_number_is_raised(device):
+    """The ops' messages format numbers through libstdc++'s streams, which work only in the
+    shared libstdc++ that torch uses: an extension linked with a private, static copy (which
+    setup.py refuses to build) crashed here instead of raising."""
+    if device == "cuda" and not (INFO["cuda_compiled"] and torch.cuda.is_available()):
+        pytest.skip("no CUDA device visible (or no CUDA kernels built)")
+    x = torch.ones(4, device=device)
+    with pytest.raises(ValueError, match=r"density must be >= 0 \(and not NaN\), got -1\.5"):
+        torch.ops.lorax_merge.magnitude_thresholds([x], -1.5)
+    with pytest.raises(ValueError, match="3 entries but there are 1 task tensors"):
+        torch.ops.lorax_merge.merge([x], torch.ones(3), "none", "none", 1.0, False, 0, x.dtype)
