@@ -197,7 +197,8 @@ def merge_many(
         # backward then adds the groups' gradients in group order and converts once, however
         # the groups fall into batches (split and cat move gradients without adding them).
         shared_flat = _autograd.flat_weights([group_weights[0]], len(groups))
-        shared_pieces = shared_flat.split(group_weights[0].numel())
+        if len(batches) > 1:  # one call (the usual case) takes the vector whole
+            shared_pieces = shared_flat.split(group_weights[0].numel())
     for (dtype, _), members in batches.items():
         flat = [t for i in members for t in groups[i]]
         if shared and len(members) == len(groups):
